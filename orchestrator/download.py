@@ -1,0 +1,355 @@
+"""Download one window into a part file, translating every transport fault.
+
+This is the one place where aiohttp's and zlib's exceptions become the errors of
+``orchestrator.errors``: retryable (throttling, 5xx, network, a body cut short) or
+permanent (other 4xx, a body that is not what it claims).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import json
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from orchestrator import sfmc
+from orchestrator.auth import TokenSource
+from orchestrator.config import ExportRequest
+from orchestrator.errors import (
+    PermanentError,
+    RetryableError,
+    ThrottledError,
+    TooLargeError,
+    WindowError,
+)
+from orchestrator.parts import PartInfo, PartWriter, keep_window_rows
+from orchestrator.planner import Window
+from orchestrator.timeparse import to_millis
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 256 * 1024
+MAX_ERROR_BODY = 64 * 1024
+MAX_RETRY_AFTER = 3600.0
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class BodyDecoder:
+    """Undo the body's Content-Encoding: gzip, deflate (zlib or raw) or identity."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding.strip().lower() or "identity"
+        if self.encoding not in ("identity", "gzip", "x-gzip", "deflate"):
+            raise PermanentError(f"the body has an unsupported encoding {encoding!r}")
+        self._inflater: Any = None
+
+    def decode(self, data: bytes) -> bytes:
+        if self.encoding == "identity" or not data:
+            return data
+        if self._inflater is None:
+            self._inflater = zlib.decompressobj(self._wbits(data))
+        try:
+            out = self._inflater.decompress(data)
+            while self._inflater.eof and self._inflater.unused_data:
+                rest = self._inflater.unused_data
+                self._inflater = zlib.decompressobj(self._wbits(rest))
+                out += self._inflater.decompress(rest)
+        except zlib.error as error:
+            raise PermanentError(
+                f"the body claims {self.encoding} encoding but is not {self.encoding} "
+                f"data ({error})"
+            ) from None
+        return bytes(out)
+
+    def finish(self) -> None:
+        """Raise if a compressed body stopped before its compressed stream ended."""
+        if self._inflater is not None and not self._inflater.eof:
+            raise RetryableError(f"the {self.encoding} stream ended early")
+
+    def _wbits(self, first: bytes) -> int:
+        if self.encoding != "deflate":
+            return 16 + zlib.MAX_WBITS
+        zlib_wrapped = (
+            len(first) >= 2
+            and first[0] & 0x0F == 8
+            and ((first[0] << 8) | first[1]) % 31 == 0
+        )
+        return zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """The estimate endpoint's answer; sizes in bytes, None where not given."""
+
+    rows: int | None
+    bytes: int | None
+    compressed_bytes: int | None
+
+
+class JourneyHistoryClient:
+    """The download, estimate and freshness calls, authorised by a shared token."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        tokens: TokenSource,
+        request: ExportRequest,
+        *,
+        compression: str = "gzip",
+        cap_bytes: int = sfmc.DOWNLOAD_CAP_BYTES,
+    ) -> None:
+        self._session = session
+        self._tokens = tokens
+        self._request = request
+        self._compression = compression
+        self._cap_bytes = cap_bytes
+
+    async def download(self, window: Window, path: Path) -> PartInfo:
+        """Stream ``window`` into ``path`` (a temporary name); raise a WindowError."""
+        try:
+            return await self._download(window, path)
+        except WindowError as error:
+            error.window = error.window or window.key
+            raise
+        except aiohttp.ClientPayloadError as error:
+            raise RetryableError(f"the body was cut short ({error})") from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as error:
+            raise RetryableError(f"connection failed: {_describe(error)}") from None
+        except TimeoutError:
+            raise RetryableError("timed out waiting for the server") from None
+        except aiohttp.ClientError as error:
+            raise RetryableError(f"HTTP error: {_describe(error)}") from None
+
+    async def _download(self, window: Window, path: Path) -> PartInfo:
+        headers = {"x-direct-pipe": "true", "Accept-Encoding": self._accept_encoding()}
+        async with self._call(
+            "POST", sfmc.DOWNLOAD_PATH, window=window, headers=headers
+        ) as response:
+            if response.status == 204:
+                return _empty_part(path)
+            await _raise_for_status(response)
+            info, boundary_seen = await self._stream(window, response, path)
+
+        if boundary_seen:
+            info = self._keep_window_rows(window, path, info)
+        return info
+
+    async def _stream(
+        self, window: Window, response: aiohttp.ClientResponse, path: Path
+    ) -> tuple[PartInfo, bool]:
+        decoder = BodyDecoder(response.headers.get("Content-Encoding", ""))
+        writer = PartWriter(
+            path,
+            columns=self._request.columns,
+            delimiter=self._request.delimiter,
+            boundary=self._boundary(window),
+        )
+        received = 0
+        try:
+            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                received += len(chunk)
+                if received >= self._cap_bytes:
+                    raise TooLargeError(
+                        f"the body reached the {self._cap_bytes:,}-byte download cap"
+                    )
+                writer.write(decoder.decode(chunk))
+            decoder.finish()
+            return writer.finish(), writer.boundary_seen
+        except BaseException:
+            writer.discard()
+            raise
+
+    def _boundary(self, window: Window) -> bytes | None:
+        if sfmc.TIME_COLUMN not in self._request.columns:
+            return None
+        return _api_time(window.end)[:19].encode()
+
+    def _keep_window_rows(self, window: Window, path: Path, info: PartInfo) -> PartInfo:
+        kept = keep_window_rows(
+            path,
+            start=window.start,
+            end=window.end,
+            time_index=self._request.columns.index(sfmc.TIME_COLUMN),
+            delimiter=self._request.delimiter,
+            newline=info.newline,
+        )
+        dropped = info.rows - kept.rows
+        if dropped:
+            logger.debug(
+                "window %s: dropped %d rows of the next window", window, dropped
+            )
+        return PartInfo(kept.rows, kept.bytes, kept.sha256, info.newline)
+
+    async def estimate(self, window: Window) -> Estimate | None:
+        """Ask for the window's estimated rows and sizes; None if unreadable."""
+        async with self._call("POST", sfmc.ESTIMATE_PATH, window=window) as response:
+            await _raise_for_status(response)
+            answer = await _read_json(response)
+        return _parse_estimate(answer)
+
+    async def freshness(self) -> float | None:
+        """The history lag in seconds, or None when the answer cannot be read."""
+        async with self._call("GET", sfmc.FRESHNESS_PATH) as response:
+            await _raise_for_status(response)
+            answer = await _read_json(response)
+        return _first_number(answer, _LAG_KEYS)
+
+    def _accept_encoding(self) -> str:
+        return "identity" if self._compression == "none" else self._compression
+
+    @asynccontextmanager
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        window: Window | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send an authorised request; on 401 renew the token once and send again."""
+        for attempt in (1, 2):
+            token = await self._tokens.get()
+            response = await self._session.request(
+                method,
+                token.rest_url + path,
+                params=self._query() if window else None,
+                json=self._body(window) if window else None,
+                headers={**(headers or {}), "Authorization": f"Bearer {token.value}"},
+            )
+            try:
+                if response.status == 401 and attempt == 1:
+                    logger.info("token refused (401); renewing it once")
+                    await self._tokens.invalidate(token)
+                    continue
+                yield response
+                return
+            finally:
+                response.release()
+
+    def _query(self) -> dict[str, str]:
+        return {
+            "format": self._request.format,
+            "columns": ",".join(self._request.columns),
+        }
+
+    def _body(self, window: Window) -> dict[str, Any]:
+        return {
+            "start": _api_time(window.start),
+            "end": _api_time(window.end),
+            **self._request.body_filters(),
+        }
+
+
+_LAG_KEYS = ("lagSeconds", "lag", "freshnessInSeconds", "freshness", "seconds")
+_ROW_KEYS = ("rowCount", "totalRows", "rows", "estimatedRowCount", "count")
+_SIZE_KEYS = ("estimatedSizeBytes", "fileSize", "sizeInBytes", "size", "bytes")
+_COMPRESSED_KEYS = (
+    "estimatedCompressedSizeBytes",
+    "compressedFileSize",
+    "compressedSizeInBytes",
+    "compressedSize",
+)
+
+
+def _parse_estimate(answer: Mapping[str, Any]) -> Estimate | None:
+    estimate = Estimate(
+        rows=_as_int(_first_number(answer, _ROW_KEYS)),
+        bytes=_as_int(_first_number(answer, _SIZE_KEYS)),
+        compressed_bytes=_as_int(_first_number(answer, _COMPRESSED_KEYS)),
+    )
+    if estimate.bytes is None and estimate.compressed_bytes is None:
+        return None
+    return estimate
+
+
+def _first_number(answer: Mapping[str, Any], keys: tuple[str, ...]) -> float | None:
+    for key in keys:
+        value = answer.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.replace(".", "", 1).isdigit():
+            return float(value)
+    return None
+
+
+def _as_int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _api_time(moment: dt.datetime) -> str:
+    return sfmc.format_time(to_millis(moment))
+
+
+def _empty_part(path: Path) -> PartInfo:
+    writer = PartWriter(path, columns=None, delimiter=",")
+    return writer.finish()
+
+
+async def _read_json(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    text = await response.content.read(MAX_ERROR_BODY)
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
+    """Raise the error an unsuccessful answer stands for."""
+    status = response.status
+    if 200 <= status < 300:
+        return
+
+    answer = await _read_json(response)
+    message = str(answer.get("message") or response.reason or "no message")[:300]
+    errorcode = answer.get("errorcode")
+    code = errorcode if isinstance(errorcode, int) else None
+    described = f"{status} {message}" + (f" (errorcode {code})" if code else "")
+    if status in (429, 503):
+        delay = retry_after(response.headers, answer)
+        raise ThrottledError(
+            described, retry_after=delay, status=status, errorcode=code
+        )
+    if status in RETRYABLE_STATUSES:
+        raise RetryableError(described, status=status, errorcode=code)
+    if status == 413:
+        raise TooLargeError(described, status=status, errorcode=code)
+    raise PermanentError(described, status=status, errorcode=code)
+
+
+def retry_after(headers: Mapping[str, str], answer: Mapping[str, Any]) -> float:
+    """Seconds the server asked us to wait (header, then body); 0 if unsaid."""
+    for value in (headers.get("Retry-After"), answer.get("retryAfter")):
+        seconds = _seconds(value)
+        if seconds is not None:
+            return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return 0.0
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return moment.timestamp() - time.time()
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:300]

@@ -1,0 +1,205 @@
+"""The manifest: the request of an export and the state of each of its windows.
+
+It lives beside the output as ``<output>.manifest.json`` and is replaced atomically
+(written under a temporary name, flushed to disk, renamed). A checksum over its
+content tells a damaged manifest from a good one.
+
+A window's state moves ``pending`` -> ``done`` (its part is on disk) -> ``merged``
+(its rows are in the output being assembled, and its part is gone). ``failed`` is a
+window whose last attempt failed; a rerun requests it again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import ManifestError
+from orchestrator.parts import fsync_directory, open_private
+from orchestrator.planner import Window
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1
+PENDING = "pending"
+DONE = "done"
+MERGED = "merged"
+FAILED = "failed"
+STATES = (PENDING, DONE, MERGED, FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportPaths:
+    """The files of one export, all beside the output."""
+
+    output: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self._beside(".manifest.json")
+
+    @property
+    def parts(self) -> Path:
+        return self._beside(".parts")
+
+    @property
+    def partial(self) -> Path:
+        return self._beside(".partial")
+
+    @property
+    def lock(self) -> Path:
+        return self._beside(".lock")
+
+    def part(self, window: Window) -> Path:
+        name = f"{window.start:%Y%m%dT%H%M%S}Z_{window.end:%Y%m%dT%H%M%S}Z.part"
+        return self.parts / name
+
+    def _beside(self, suffix: str) -> Path:
+        return self.output.with_name(self.output.name + suffix)
+
+
+@dataclass(slots=True)
+class WindowRecord:
+    """What is known of one window; ``error`` is the last attempt's failure."""
+
+    window: Window
+    state: str = PENDING
+    attempts: int = 0
+    rows: int = 0
+    bytes: int = 0
+    sha256: str | None = None
+    newline: str | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    provisional: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "start": self.window.start.isoformat(),
+            "end": self.window.end.isoformat(),
+            "state": self.state,
+            "attempts": self.attempts,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "newline": self.newline,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "provisional": self.provisional,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WindowRecord:
+        window = Window(
+            dt.datetime.fromisoformat(data["start"]),
+            dt.datetime.fromisoformat(data["end"]),
+        )
+        if data["state"] not in STATES:
+            raise ValueError(f"unknown state {data['state']!r}")
+        return cls(
+            window=window,
+            state=data["state"],
+            attempts=int(data["attempts"]),
+            rows=int(data["rows"]),
+            bytes=int(data["bytes"]),
+            sha256=data["sha256"],
+            newline=data["newline"],
+            seconds=float(data["seconds"]),
+            error=data["error"],
+            provisional=bool(data.get("provisional", False)),
+        )
+
+
+@dataclass(slots=True)
+class Manifest:
+    """The request and windows of one export; ``merged_bytes`` is the assembled size."""
+
+    path: Path
+    request: dict[str, Any]
+    windows: list[WindowRecord]
+    merged_bytes: int = 0
+    newline: str | None = None
+    complete: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        """Read a manifest; a damaged one raises ManifestError saying how to recover."""
+        try:
+            document = json.loads(path.read_bytes())
+            content = document["manifest"]
+            if document["sha256"] != _digest(content):
+                raise ValueError("checksum does not match its content")
+            if content["version"] != VERSION:
+                raise ValueError(f"version {content['version']} is not {VERSION}")
+            return cls._from_content(path, content)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ManifestError(
+                f"manifest {path} is damaged ({error}); rerun with --restart to start "
+                "this export over (parts already downloaded are requested again)"
+            ) from None
+
+    @classmethod
+    def _from_content(cls, path: Path, content: dict[str, Any]) -> Manifest:
+        return cls(
+            path=path,
+            request=content["request"],
+            windows=[WindowRecord.from_json(item) for item in content["windows"]],
+            merged_bytes=int(content["merged_bytes"]),
+            newline=content["newline"],
+            complete=bool(content["complete"]),
+            extra=dict(content.get("extra", {})),
+        )
+
+    def save(self) -> None:
+        """Replace the manifest on disk atomically and durably."""
+        content = {
+            "version": VERSION,
+            "request": self.request,
+            "merged_bytes": self.merged_bytes,
+            "newline": self.newline,
+            "complete": self.complete,
+            "extra": self.extra,
+            "windows": [record.to_json() for record in self.windows],
+        }
+        document = {"manifest": content, "sha256": _digest(content)}
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with open_private(temporary) as stream:
+            stream.write(json.dumps(document, indent=1).encode())
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, self.path)
+        fsync_directory(self.path.parent)
+
+    def find(self, window: Window) -> WindowRecord:
+        for record in self.windows:
+            if record.window == window:
+                return record
+        raise KeyError(window.key)
+
+    def split(self, record: WindowRecord) -> tuple[WindowRecord, WindowRecord]:
+        """Replace a window by its two halves, both pending."""
+        first, second = (WindowRecord(half) for half in record.window.halves())
+        index = self.windows.index(record)
+        self.windows[index : index + 1] = [first, second]
+        return first, second
+
+    def counts(self) -> Counter[str]:
+        return Counter(record.state for record in self.windows)
+
+    def totals(self) -> tuple[int, int]:
+        """Rows and bytes of the windows done or merged."""
+        finished = [r for r in self.windows if r.state in (DONE, MERGED)]
+        return sum(r.rows for r in finished), sum(r.bytes for r in finished)
+
+
+def _digest(content: dict[str, Any]) -> str:
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,144 @@
+"""Assemble the output: one header, then every window's rows in window order.
+
+Windows are appended to ``<output>.partial`` as soon as the next one in order is done,
+so an export never needs room for its parts and a full copy of the output at once.
+The partial file takes the output's name only when every window is in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from orchestrator.manifest import DONE, MERGED, PENDING, ExportPaths, Manifest
+from orchestrator.parts import fsync_directory, open_private, verify_part
+
+logger = logging.getLogger(__name__)
+
+
+class Assembler:
+    """Append done windows to the partial output in order, then publish it."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        paths: ExportPaths,
+        *,
+        header: list[str],
+        delimiter: str,
+        keep_parts: bool = False,
+    ) -> None:
+        self.manifest = manifest
+        self.paths = paths
+        self._header = delimiter.join(header)
+        self._keep_parts = keep_parts
+
+    def reconcile(self) -> None:
+        """Bring files and manifest into agreement after a stop at any moment."""
+        self.paths.parts.mkdir(parents=True, exist_ok=True)
+        for leftover in self.paths.parts.glob("*.tmp"):
+            leftover.unlink()
+        self._reconcile_partial()
+        self._reconcile_parts()
+        self.manifest.save()
+
+    def _reconcile_partial(self) -> None:
+        partial = self.paths.partial
+        size = partial.stat().st_size if partial.exists() else 0
+        if size < self.manifest.merged_bytes:
+            logger.warning(
+                "%s is shorter than recorded; assembling it again", partial.name
+            )
+            partial.unlink(missing_ok=True)
+            self.manifest.merged_bytes = 0
+            for record in self.manifest.windows:
+                if record.state == MERGED:
+                    record.state = DONE
+        elif size > self.manifest.merged_bytes:
+            os.truncate(partial, self.manifest.merged_bytes)
+
+    def _reconcile_parts(self) -> None:
+        for record in self.manifest.windows:
+            if record.state != DONE:
+                continue
+            part = self.paths.part(record.window)
+            if not verify_part(part, size=record.bytes, sha256=record.sha256 or ""):
+                logger.warning(
+                    "window %s: part missing or changed; requesting it again",
+                    record.window,
+                )
+                part.unlink(missing_ok=True)
+                record.state = PENDING
+
+    def ready(self) -> list[Path]:
+        """Parts that can be appended now, in order, and the newline to use."""
+        newline = self._newline()
+        if newline is None:
+            return []
+        ready: list[Path] = []
+        for record in self.manifest.windows:
+            if record.state == MERGED:
+                continue
+            if record.state != DONE:
+                break
+            ready.append(self.paths.part(record.window))
+        return ready
+
+    def append(self, part: Path) -> int:
+        """Append one part (header first if the output is empty); return the new size.
+
+        Runs in a worker thread; the caller records the result in the manifest.
+        """
+        with open_private(self.paths.partial, append=True) as output:
+            if self.manifest.merged_bytes == 0:
+                output.write((self._header + (self._newline() or "\n")).encode())
+            with part.open("rb") as source:
+                shutil.copyfileobj(source, output, 1 << 20)
+            output.flush()
+            os.fsync(output.fileno())
+            return output.tell()
+
+    def appended(self, part: Path, size: int) -> None:
+        """Record that the window of ``part`` is in the output, then drop the part."""
+        for record in self.manifest.windows:
+            if record.state == DONE and self.paths.part(record.window) == part:
+                record.state = MERGED
+                break
+        self.manifest.merged_bytes = size
+        self.manifest.newline = self._newline()
+        self.manifest.save()
+        if not self._keep_parts:
+            part.unlink(missing_ok=True)
+
+    def publish(self) -> None:
+        """Give the output its name once every window is in it."""
+        if self.manifest.merged_bytes == 0:
+            self.append_header_only()
+        os.replace(self.paths.partial, self.paths.output)
+        fsync_directory(self.paths.output.parent)
+        self.manifest.complete = True
+        self.manifest.save()
+        if not self._keep_parts:
+            shutil.rmtree(self.paths.parts, ignore_errors=True)
+
+    def append_header_only(self) -> None:
+        with open_private(self.paths.partial) as output:
+            output.write((self._header + (self._newline() or "\n")).encode())
+            output.flush()
+            os.fsync(output.fileno())
+            self.manifest.merged_bytes = output.tell()
+
+    def all_merged(self) -> bool:
+        return all(record.state == MERGED for record in self.manifest.windows)
+
+    def _newline(self) -> str | None:
+        """The output's newline: the first known, or LF once nothing else can tell."""
+        if self.manifest.newline:
+            return self.manifest.newline
+        for record in self.manifest.windows:
+            if record.newline:
+                return record.newline
+        finished = all(r.state in (DONE, MERGED) for r in self.manifest.windows)
+        return "\n" if finished else None

@@ -1,0 +1,251 @@
+"""Part files: one window's rows on disk, written as the body streams in.
+
+A part holds only data rows: no byte-order mark, no header, and it always ends with a
+newline. It is written under a temporary name, flushed to disk, and renamed only when
+the body was complete, so a file named ``*.part`` is always whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.errors import PermanentError, RetryableError
+
+BOM = b"\xef\xbb\xbf"
+MAX_HEADER_BYTES = 64 * 1024
+PRIVATE = 0o600
+
+
+@dataclass(frozen=True, slots=True)
+class PartInfo:
+    """What a finished part holds; ``newline`` is None when the body had no header."""
+
+    rows: int
+    bytes: int
+    sha256: str
+    newline: str | None
+
+
+def open_private(path: Path, *, append: bool = False) -> io.BufferedWriter:
+    """Open a file for writing, readable by its owner only, whatever the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    descriptor = os.open(path, flags, PRIVATE)
+    os.fchmod(descriptor, PRIVATE)
+    return os.fdopen(descriptor, "ab" if append else "wb")
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or unlink inside ``path`` durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class RowCounter:
+    """Count rows in a CSV or TSV stream: newlines outside double quotes."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.in_quotes = False
+
+    def feed(self, data: bytes) -> None:
+        if not self.in_quotes and b'"' not in data:
+            self.rows += data.count(b"\n")
+            return
+
+        pieces = data.split(b'"')
+        outside = pieces[1::2] if self.in_quotes else pieces[0::2]
+        self.rows += sum(piece.count(b"\n") for piece in outside)
+        if len(pieces) % 2 == 0:
+            self.in_quotes = not self.in_quotes
+
+
+class PartWriter:
+    """Stream one window's decoded body into a part file.
+
+    ``columns`` is the header the body must start with, or None for a body of rows
+    only (then ``newline`` says how its rows end). ``boundary`` is a byte string
+    (the window end's ``TransactionTime`` to the second) whose presence means rows
+    at or after the end may have come back; the caller then runs
+    :func:`keep_window_rows` on the finished part.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        columns: Sequence[str] | None,
+        delimiter: str,
+        boundary: bytes | None = None,
+        newline: str | None = None,
+    ) -> None:
+        self.path = path
+        self.boundary_seen = False
+        self._columns = list(columns or ())
+        self._delimiter = delimiter
+        self._boundary = boundary
+        self._file = open_private(path)
+        self._digest = hashlib.sha256()
+        self._counter = RowCounter()
+        self._head: bytearray | None = None if columns is None else bytearray()
+        self._newline = newline
+        self._size = 0
+        self._tail = b""
+        self._last = b"\n"
+
+    def write(self, data: bytes) -> None:
+        """Take the next decoded bytes of the body."""
+        if self._head is not None:
+            data = self._take_header(data)
+        if data:
+            self._watch_boundary(data)
+            self._emit(data)
+
+    def finish(self) -> PartInfo:
+        """Close the part durably; raise if the body ended where it cannot end."""
+        if self._head:
+            self._check_header(bytes(self._head).rstrip(b"\r\n"))
+            self._newline = "\r\n" if self._head.endswith(b"\r\n") else "\n"
+        self._head = None
+        if self._counter.in_quotes:
+            raise RetryableError(
+                "the body ends inside a quoted field: it was cut short"
+            )
+
+        if self._size and self._last != b"\n":
+            self._emit((self._newline or "\n").encode())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return PartInfo(
+            rows=self._counter.rows,
+            bytes=self._size,
+            sha256=self._digest.hexdigest(),
+            newline=self._newline,
+        )
+
+    def discard(self) -> None:
+        """Close and delete the unfinished part."""
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def _take_header(self, data: bytes) -> bytes:
+        assert self._head is not None
+        self._head += data
+        end = self._head.find(b"\n")
+        if end < 0:
+            if len(self._head) > MAX_HEADER_BYTES:
+                raise PermanentError("the body has no header line in its first 64 KiB")
+            return b""
+
+        line = bytes(self._head[: end + 1])
+        rest = bytes(self._head[end + 1 :])
+        self._head = None
+        self._newline = "\r\n" if line.endswith(b"\r\n") else "\n"
+        self._check_header(line.rstrip(b"\r\n"))
+        return rest
+
+    def _check_header(self, line: bytes) -> None:
+        line = line.removeprefix(BOM)
+        text = line.decode("utf-8", errors="replace")
+        names = next(csv.reader([text], delimiter=self._delimiter), [])
+        if names != self._columns:
+            shown = ", ".join(names[:30]) or "(empty)"
+            raise PermanentError(
+                f"the server answered columns [{shown}], not the requested "
+                f"[{', '.join(self._columns)}]"
+            )
+
+    def _watch_boundary(self, data: bytes) -> None:
+        if self._boundary is None or self.boundary_seen:
+            return
+        self.boundary_seen = self._boundary in self._tail + data
+        self._tail = data[-len(self._boundary) :]
+
+    def _emit(self, data: bytes) -> None:
+        self._file.write(data)
+        self._digest.update(data)
+        self._counter.feed(data)
+        self._size += len(data)
+        self._last = data[-1:]
+
+
+def iter_rows(path: Path) -> Iterator[bytes]:
+    """Yield each row of a part with its newline, quoted line breaks kept inside."""
+    counter = RowCounter()
+    pending = b""
+    with path.open("rb") as stream:
+        for line in stream:
+            pending += line
+            counter.feed(line)
+            if not counter.in_quotes:
+                yield pending
+                pending = b""
+    if pending:
+        yield pending
+
+
+def keep_window_rows(
+    path: Path,
+    *,
+    start: dt.datetime,
+    end: dt.datetime,
+    time_index: int,
+    delimiter: str,
+    newline: str | None,
+) -> PartInfo:
+    """Rewrite a part keeping only rows whose time is in ``[start, end)``.
+
+    Servers that treat a request's end as inclusive send the rows stamped exactly at
+    the end in two windows; this keeps each row in the window that owns it.
+    """
+    kept_path = path.with_name(path.name + ".kept")
+    writer = PartWriter(kept_path, columns=None, delimiter=delimiter, newline=newline)
+    try:
+        for row in iter_rows(path):
+            if start <= _row_time(row, time_index, delimiter) < end:
+                writer.write(row)
+        info = writer.finish()
+    except BaseException:
+        writer.discard()
+        raise
+
+    os.replace(kept_path, path)
+    return info
+
+
+def _row_time(row: bytes, index: int, delimiter: str) -> dt.datetime:
+    text = row.decode("utf-8", errors="replace")
+    fields = next(csv.reader([text], delimiter=delimiter), [])
+    try:
+        moment = dt.datetime.fromisoformat(fields[index])
+    except (IndexError, ValueError):
+        raise PermanentError(
+            f"a row's TransactionTime cannot be read: {fields[index : index + 1]!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment
+
+
+def verify_part(path: Path, *, size: int, sha256: str) -> bool:
+    """Whether the part on disk still has the recorded size and checksum."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        digest = hashlib.sha256()
+        with path.open("rb") as stream:
+            while block := stream.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return False
+    return digest.hexdigest() == sha256

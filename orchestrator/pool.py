@@ -1,0 +1,155 @@
+"""The worker pool: download windows concurrently, each with its own retries.
+
+One window's failure never cancels the others. Cancellation (Ctrl-C, SIGTERM, a time
+budget) is not a failure: it passes through untouched and leaves the window pending.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+import tenacity
+
+from orchestrator.errors import (
+    JourneyExportError,
+    ThrottledError,
+    TooLargeError,
+    WindowError,
+)
+from orchestrator.manifest import WindowRecord
+from orchestrator.parts import PartInfo
+from orchestrator.retry import AdaptiveLimiter, RetryPolicy, ThrottleGate
+
+logger = logging.getLogger(__name__)
+
+Fetch = Callable[[WindowRecord], Awaitable[PartInfo]]
+
+
+@dataclass(slots=True)
+class PoolEvents:
+    """What the pool reports back; the export records each in the manifest."""
+
+    done: Callable[[WindowRecord, PartInfo], Awaitable[None]]
+    failed: Callable[[WindowRecord, WindowError], Awaitable[None]]
+    too_large: Callable[[WindowRecord, TooLargeError], list[WindowRecord]]
+
+
+@dataclass(slots=True)
+class PoolStats:
+    """Counters of one run."""
+
+    retries: int = 0
+    throttled: int = 0
+    retry_reasons: list[str] = field(default_factory=list)
+
+
+class WindowPool:
+    """Run ``fetch`` for each window under a shared limiter, gate and retry policy."""
+
+    def __init__(
+        self,
+        fetch: Fetch,
+        events: PoolEvents,
+        *,
+        policy: RetryPolicy,
+        limiter: AdaptiveLimiter,
+        gate: ThrottleGate,
+    ) -> None:
+        self._fetch = fetch
+        self._events = events
+        self._policy = policy
+        self._limiter = limiter
+        self._gate = gate
+        self.stats = PoolStats()
+        self._group: anyio.abc.TaskGroup | None = None
+        self._fatal: JourneyExportError | None = None
+
+    async def run(self, records: list[WindowRecord]) -> None:
+        """Export every record, oldest first; return when each is done or failed.
+
+        An error that concerns the whole run (credentials rejected, a refused URL)
+        stops every window and is raised here.
+        """
+        async with anyio.create_task_group() as group:
+            self._group = group
+            for record in records:
+                group.start_soon(self._export, record)
+
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _export(self, record: WindowRecord) -> None:
+        started = time.monotonic()
+        try:
+            info = await self._attempts(record)
+        except TooLargeError as error:
+            for half in self._events.too_large(record, error):
+                self._start(half)
+            return
+        except WindowError as error:
+            await self._events.failed(record, error)
+            return
+        except JourneyExportError as error:
+            self._stop_all(error)
+            return
+
+        record.seconds = time.monotonic() - started
+        await self._events.done(record, info)
+
+    def _start(self, record: WindowRecord) -> None:
+        assert self._group is not None
+        self._group.start_soon(self._export, record)
+
+    def _stop_all(self, error: JourneyExportError) -> None:
+        assert self._group is not None
+        self._fatal = self._fatal or error
+        self._group.cancel_scope.cancel()
+
+    async def _attempts(self, record: WindowRecord) -> PartInfo:
+        retrying = self._policy.retrying(on_retry=self._on_retry(record))
+        async for attempt in retrying:
+            with attempt:
+                return await self._attempt(record)
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _attempt(self, record: WindowRecord) -> PartInfo:
+        await self._gate.wait()
+        async with self._limiter:
+            await self._gate.wait()
+            record.attempts += 1
+            try:
+                info = await self._fetch(record)
+            except ThrottledError as error:
+                self._throttled(error)
+                raise
+
+        self._limiter.succeeded()
+        return info
+
+    def _throttled(self, error: ThrottledError) -> None:
+        self.stats.throttled += 1
+        pause = error.retry_after or self._policy.settings.backoff_initial_seconds
+        self._gate.pause(pause)
+        self._limiter.throttled()
+
+    def _on_retry(
+        self, record: WindowRecord
+    ) -> Callable[[tenacity.RetryCallState], None]:
+        def log_retry(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            self.stats.retries += 1
+            record.error = str(error)
+            logger.warning(
+                "window %s: attempt %d failed (%s); retrying in %.1f s",
+                record.window,
+                state.attempt_number,
+                error,
+                state.upcoming_sleep,
+            )
+
+        return log_retry

@@ -1,0 +1,147 @@
+"""The retry policy of a window, and the shared brakes every worker obeys.
+
+``ThrottleGate`` is one pause for all workers after the server throttles; the
+``AdaptiveLimiter`` halves concurrency on throttling and grows it back slowly. The
+waits are pure functions of the attempt so tests can check them without sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+import tenacity
+
+from orchestrator.config import RetrySettings
+from orchestrator.errors import RetryableError, ThrottledError
+
+logger = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+MIN_WAIT_SECONDS = 0.05
+
+
+class ThrottleGate:
+    """One pause shared by every worker: nobody starts a request before it ends."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = anyio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._resume_at = 0.0
+        self.pauses = 0
+
+    def pause(self, seconds: float) -> None:
+        """Hold every worker for ``seconds`` from now (an earlier end is extended)."""
+        resume_at = self._clock() + seconds
+        if resume_at > self._resume_at:
+            self._resume_at = resume_at
+            self.pauses += 1
+
+    async def wait(self) -> None:
+        """Sleep until the pause is over, plus a little jitter so workers spread out."""
+        remaining = self._resume_at - self._clock()
+        if remaining > 0:
+            await self._sleep(remaining + self._rng.uniform(0, min(1.0, remaining / 4)))
+
+
+class AdaptiveLimiter:
+    """A capacity limiter that halves on throttling and grows by one after successes.
+
+    It never goes above ``maximum`` nor below one. Growth needs as many successes in a
+    row as the current limit, so it climbs back slowly.
+    """
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self._limiter = anyio.CapacityLimiter(maximum)
+        self._successes = 0
+
+    @property
+    def limit(self) -> int:
+        return int(self._limiter.total_tokens)
+
+    async def __aenter__(self) -> None:
+        await self._limiter.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._limiter.release()
+
+    def throttled(self) -> None:
+        self._successes = 0
+        lowered = max(1, self.limit // 2)
+        if lowered < self.limit:
+            logger.info("throttled: concurrency %d -> %d", self.limit, lowered)
+            self._limiter.total_tokens = lowered
+
+    def succeeded(self) -> None:
+        self._successes += 1
+        if self._successes >= self.limit and self.limit < self.maximum:
+            self._successes = 0
+            self._limiter.total_tokens = self.limit + 1
+            logger.debug("concurrency back up to %d", self.limit)
+
+
+def backoff_seconds(
+    settings: RetrySettings,
+    attempt: int,
+    error: BaseException | None,
+    rng: random.Random,
+) -> float:
+    """How long to wait after failed attempt number ``attempt`` (1-based).
+
+    A server-given Retry-After is honoured (plus up to 10 % jitter); otherwise the wait
+    is exponential backoff with full jitter, never below a small floor.
+    """
+    if isinstance(error, ThrottledError) and error.retry_after > 0:
+        return error.retry_after * (1 + rng.uniform(0, 0.1))
+
+    ceiling = settings.backoff_initial_seconds * 2 ** (attempt - 1)
+    ceiling = min(ceiling, settings.backoff_max_seconds)
+    return max(MIN_WAIT_SECONDS, rng.uniform(0, ceiling))
+
+
+class RetryPolicy:
+    """Build the tenacity retrying object of one window, the same for all windows."""
+
+    def __init__(
+        self,
+        settings: RetrySettings,
+        *,
+        sleep: Sleep = anyio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    def retrying(
+        self, on_retry: Callable[[tenacity.RetryCallState], None]
+    ) -> tenacity.AsyncRetrying:
+        return tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(RetryableError),
+            wait=self._wait,
+            stop=self._stop,
+            sleep=self._sleep,
+            before_sleep=on_retry,
+            reraise=True,
+        )
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        return backoff_seconds(self.settings, state.attempt_number, error, self._rng)
+
+    def _stop(self, state: tenacity.RetryCallState) -> bool:
+        if state.attempt_number >= self.settings.max_attempts:
+            return True
+        upcoming = state.upcoming_sleep or 0.0
+        return state.idle_for + upcoming > self.settings.max_wait_seconds

@@ -1,0 +1,86 @@
+"""Parse the times and durations users write on the command line and in configs.
+
+Every time is returned as an aware UTC ``datetime``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+from orchestrator.errors import UsageError
+
+UTC = dt.UTC
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+TIME_HELP = (
+    "write it as ISO 8601 with Z or an offset (2026-11-03T05:00:00Z, "
+    "2026-11-03T00:00-05:00), a date (2026-11-03, midnight UTC), now, today, "
+    "yesterday, or a time ago (-24h, -90m, -7d)"
+)
+
+
+def parse_duration(text: str, *, name: str = "duration") -> dt.timedelta:
+    """Parse ``90s``, ``30m``, ``1h`` or ``2d``."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise UsageError(f"{name} {text!r} is not a duration: write 90s, 30m, 1h or 2d")
+
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return dt.timedelta(seconds=seconds)
+
+
+def parse_time(text: str, *, now: dt.datetime, name: str = "time") -> dt.datetime:
+    """Parse an absolute or relative time; ``now`` anchors the relative forms."""
+    value = text.strip()
+    relative = _parse_relative(value, now)
+    if relative is not None:
+        return relative
+
+    if _DATE_ONLY.match(value):
+        return dt.datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{name} {text!r} is not a time: {TIME_HELP}") from None
+
+    if moment.tzinfo is None:
+        raise UsageError(
+            f"{name} {text!r} has no offset, so it could be any time zone: "
+            f"write {value}Z for UTC or {value}-05:00 for an offset"
+        )
+    return moment.astimezone(UTC)
+
+
+def _parse_relative(value: str, now: dt.datetime) -> dt.datetime | None:
+    midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if value == "now":
+        return now.astimezone(UTC)
+    if value == "today":
+        return midnight
+    if value == "yesterday":
+        return midnight - dt.timedelta(days=1)
+    if value.startswith("-") and _DURATION.match(value[1:]):
+        return now.astimezone(UTC) - parse_duration(value[1:])
+    return None
+
+
+def to_millis(moment: dt.datetime) -> int:
+    """Epoch milliseconds of an aware datetime."""
+    return (moment - EPOCH) // dt.timedelta(milliseconds=1)
+
+
+def from_millis(millis: int) -> dt.datetime:
+    """The aware UTC datetime of epoch milliseconds."""
+    return EPOCH + dt.timedelta(milliseconds=millis)
+
+
+def iso(moment: dt.datetime) -> str:
+    """Compact ISO 8601 in UTC for logs and the manifest: 2026-11-03T05:00:00Z."""
+    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    return text.replace(".000+00:00", "Z").replace("+00:00", "Z")

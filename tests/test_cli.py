@@ -1,0 +1,235 @@
+"""The command line as users and schedulers run it: real processes, real signals."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.sandbox import History
+from tests.conftest import HOUR, expected_output, hour_now
+
+PYTHON = [sys.executable, "-m", "orchestrator"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"sandbox did not listen on {port}")
+
+
+def start_sandbox(*settings: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    command = [*PYTHON, "sandbox", "--port", str(port)]
+    for item in settings:
+        command += ["--set", item]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_for_port(port)
+    return process, port
+
+
+@pytest.fixture
+def sandbox_port() -> Iterator[int]:
+    process, port = start_sandbox("rows_per_hour=50")
+    yield port
+    process.terminate()
+    process.wait(10)
+
+
+def env_for(port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "SFMC_CLIENT_ID": "sandbox-client",
+        "SFMC_CLIENT_SECRET": "sandbox-secret",
+        "SFMC_AUTH_URL": f"http://127.0.0.1:{port}",
+    }
+
+
+def journey_export(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PYTHON, *args],
+        capture_output=True,
+        text=True,
+        env=env or dict(os.environ),
+        timeout=120,
+        check=False,
+    )
+
+
+def range_args(hours: int, output: Path, end: dt.datetime | None = None) -> list[str]:
+    end = end or hour_now() - 2 * HOUR
+    start = end - hours * HOUR
+    return ["--start", start.isoformat(), "--end", end.isoformat(), "--output", str(output)]
+
+
+def test_time_without_offset_exits_2_with_one_line(tmp_path: Path) -> None:
+    done = journey_export(
+        "run", "--start", "2026-11-03T05:00:00", "--end", "2026-11-04", "--output", "x"
+    )
+
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "2026-11-03T05:00:00Z for UTC" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_credentials_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SFMC_")}
+    done = journey_export("run", *range_args(2, tmp_path / "o.csv"), env=env)
+
+    assert done.returncode == 2
+    assert "SFMC_CLIENT_ID" in done.stderr
+
+
+def test_unknown_column_exits_2_with_a_suggestion(tmp_path: Path) -> None:
+    done = journey_export(
+        "run", *range_args(2, tmp_path / "o.csv"), "--columns", "ContactKy"
+    )
+
+    assert done.returncode == 2
+    assert "did you mean ContactKey" in done.stderr
+
+
+def test_plan_prints_the_windows_and_requests_nothing() -> None:
+    done = journey_export(
+        "plan", "--start", "2026-11-03T05:30:00Z", "--end", "2026-11-03T08:00:00Z"
+    )
+
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("2026-11-03T05:30:00Z/2026-11-03T06:00:00Z")
+    assert lines[-1] == "3 windows"
+
+
+def test_values_lists_documented_names() -> None:
+    done = journey_export("values", "column")
+
+    assert "Result.Messages" in done.stdout.split()
+    assert len(done.stdout.split()) == 25
+
+
+def test_run_then_status(tmp_path: Path, sandbox_port: int) -> None:
+    output = tmp_path / "o.csv"
+    done = journey_export("run", *range_args(3, output), env=env_for(sandbox_port))
+
+    assert done.returncode == 0, done.stderr
+    assert "export complete: 3 windows" in done.stdout
+    assert "sandbox-secret" not in done.stderr + done.stdout
+
+    status = journey_export("status", "--output", str(output))
+    assert status.returncode == 0
+    assert status.stdout.splitlines()[-1].startswith("complete: 3 windows (3 merged)")
+
+
+def test_credentials_rejected_exit_3(tmp_path: Path, sandbox_port: int) -> None:
+    env = {**env_for(sandbox_port), "SFMC_CLIENT_SECRET": "wrong"}
+    done = journey_export("run", *range_args(2, tmp_path / "o.csv"), env=env)
+
+    assert done.returncode == 3
+    assert "credentials rejected" in done.stderr
+
+
+def test_plain_http_to_another_host_is_refused(tmp_path: Path) -> None:
+    env = {**env_for(1), "SFMC_AUTH_URL": "http://auth.example.com"}
+    done = journey_export("run", *range_args(2, tmp_path / "o.csv"), env=env)
+
+    assert done.returncode == 2
+    assert "SFMC_AUTH_URL" in done.stderr
+
+
+def slow_run(
+    output: Path, port: int, hours: int, end: dt.datetime
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*PYTHON, "run", *range_args(hours, output, end), "--concurrency", "2"],
+        env=env_for(port),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_sigterm_exits_130_and_the_rerun_completes(tmp_path: Path) -> None:
+    process, port = start_sandbox("rows_per_hour=50", "first_byte_seconds=0.4")
+    end = hour_now() - 2 * HOUR
+    try:
+        output = tmp_path / "o.csv"
+        run = slow_run(output, port, 12, end)
+        time.sleep(2.0)
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(30) == 130
+        manifest = Manifest.load(ExportPaths(output).manifest)
+        assert not manifest.complete
+
+        done = journey_export("run", *range_args(12, output, end), env=env_for(port))
+        assert done.returncode == 0, done.stderr
+    finally:
+        process.terminate()
+        process.wait(10)
+
+    history = History(7, 50)
+    assert output.read_bytes() == expected_output(history, end - 12 * HOUR, end)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_9_then_rerun_gives_the_same_bytes(tmp_path: Path, seed: int) -> None:
+    process, port = start_sandbox("rows_per_hour=200", "first_byte_seconds=0.1")
+    end = hour_now() - 2 * HOUR
+    rng = random.Random(seed)
+    try:
+        clean = tmp_path / "clean.csv"
+        done = journey_export("run", *range_args(10, clean, end), env=env_for(port))
+        assert done.returncode == 0, done.stderr
+
+        killed = tmp_path / "killed.csv"
+        for _ in range(2):
+            run = slow_run(killed, port, 10, end)
+            time.sleep(rng.uniform(0.3, 2.0))
+            run.kill()
+            run.wait(10)
+        done = journey_export("run", *range_args(10, killed, end), env=env_for(port))
+        assert done.returncode == 0, done.stderr
+    finally:
+        process.terminate()
+        process.wait(10)
+
+    assert killed.read_bytes() == clean.read_bytes()
+    assert not ExportPaths(killed).partial.exists()
+
+
+def test_demo_writes_a_file(tmp_path: Path) -> None:
+    output = tmp_path / "demo.csv"
+    done = journey_export("demo", "--output", str(output), "--hours", "6")
+
+    assert done.returncode == 0, done.stderr
+    assert f"written to {output}" in done.stdout
+    assert output.read_bytes().startswith(b"TransactionTime,ContactKey,Status")
+
+
+def test_range_args_are_hour_aligned() -> None:
+    start = dt.datetime.fromisoformat(range_args(1, Path("x"))[1])
+    assert start.minute == 0

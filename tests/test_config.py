@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import (
+    RunSettings,
+    build_settings,
+    credentials_from_env,
+    load_config,
+    read_contact_keys,
+)
+from orchestrator.errors import UsageError
+from orchestrator.timeparse import parse_duration, parse_time
+
+NOW = dt.datetime(2026, 11, 20, 12, 34, 56, tzinfo=dt.UTC)
+
+
+def settings(**options: object) -> RunSettings:
+    base: dict[str, object] = {
+        "start": "2026-11-03T00:00:00Z",
+        "end": "2026-11-04T00:00:00Z",
+        "output": "out.csv",
+    }
+    return build_settings({**base, **options}, {}, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-03T05:00:00Z", dt.datetime(2026, 11, 3, 5, tzinfo=dt.UTC)),
+        ("2026-11-03T00:00-05:00", dt.datetime(2026, 11, 3, 5, tzinfo=dt.UTC)),
+        ("2026-11-03", dt.datetime(2026, 11, 3, tzinfo=dt.UTC)),
+        ("now", NOW),
+        ("today", dt.datetime(2026, 11, 20, tzinfo=dt.UTC)),
+        ("yesterday", dt.datetime(2026, 11, 19, tzinfo=dt.UTC)),
+        ("-24h", NOW - dt.timedelta(hours=24)),
+    ],
+)
+def test_times_are_parsed_to_utc(text: str, expected: dt.datetime) -> None:
+    assert parse_time(text, now=NOW) == expected
+
+
+def test_time_without_offset_is_refused_with_a_fix() -> None:
+    with pytest.raises(UsageError, match=r"2026-11-03T05:00:00Z for UTC"):
+        parse_time("2026-11-03T05:00:00", now=NOW, name="start")
+
+
+def test_garbage_time_names_the_forms() -> None:
+    with pytest.raises(UsageError, match="ISO 8601"):
+        parse_time("tomorrow-ish", now=NOW)
+
+
+def test_durations() -> None:
+    assert parse_duration("90s").total_seconds() == 90
+    assert parse_duration("1h").total_seconds() == 3600
+    with pytest.raises(UsageError, match="30m"):
+        parse_duration("1 hour")
+
+
+def test_unknown_column_suggests_the_nearest() -> None:
+    with pytest.raises(UsageError, match=r"ContactKy.*did you mean ContactKey"):
+        settings(columns="TransactionTime,ContactKy")
+
+
+def test_statuses_match_without_case_and_are_sent_as_documented() -> None:
+    built = settings(statuses=["failed", "COMPLETE"])
+
+    assert built.request.filters == (("statuses", ("Failed", "Complete")),)
+
+
+def test_unknown_status_passes_only_when_allowed() -> None:
+    with pytest.raises(UsageError, match="--allow-unknown-values"):
+        settings(statuses=["Brandnew"])
+
+    built = settings(statuses=["Brandnew"], allow_unknown_values=True)
+    assert built.request.filters == (("statuses", ("Brandnew",)),)
+
+
+def test_end_before_start_is_refused() -> None:
+    with pytest.raises(UsageError, match="not after start"):
+        settings(start="2026-11-04", end="2026-11-03")
+
+
+def test_concurrency_bounds() -> None:
+    with pytest.raises(UsageError, match="concurrency 0 is out of range"):
+        settings(concurrency=0)
+
+
+def test_config_unknown_key_names_file_key_and_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[export]\nconcurency = 5\n')
+
+    with pytest.raises(UsageError) as caught:
+        load_config(path)
+
+    message = str(caught.value)
+    assert str(path) in message
+    assert "export.concurency" in message
+    assert "did you mean concurrency" in message
+
+
+def test_config_wrong_type_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[export]\nconcurrency = "five"\n')
+
+    with pytest.raises(UsageError, match="export.concurrency must be an integer"):
+        load_config(path)
+
+
+def test_flags_override_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[export]\nstart = "2026-11-01"\nend = "2026-11-02"\noutput = "a.csv"\n'
+        'concurrency = 3\nformat = "tsv"\n'
+    )
+    built = build_settings({"concurrency": 7}, load_config(path), now=NOW)
+
+    assert built.concurrency == 7
+    assert built.request.format == "tsv"
+    assert built.output == Path("a.csv")
+
+
+def test_credentials_need_all_three_variables() -> None:
+    with pytest.raises(UsageError, match="SFMC_CLIENT_SECRET, SFMC_AUTH_URL not set"):
+        credentials_from_env({"SFMC_CLIENT_ID": "x"})
+
+
+def test_secret_is_not_in_the_repr() -> None:
+    found = credentials_from_env(
+        {
+            "SFMC_CLIENT_ID": "id",
+            "SFMC_CLIENT_SECRET": "hunter2-secret",
+            "SFMC_AUTH_URL": "https://x.auth.marketingcloudapis.com/",
+        }
+    )
+    assert "hunter2" not in repr(found)
+    assert found.auth_url == "https://x.auth.marketingcloudapis.com"
+
+
+def test_contact_keys_file_skips_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "keys.txt"
+    path.write_text("\ufeffa@example.com\n\n  b  \n")
+
+    assert read_contact_keys(path) == ("a@example.com", "b")
+
+
+def test_contact_keys_file_not_utf8_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "keys.txt"
+    path.write_bytes(b"ok\n\xff\xfe\n")
+
+    with pytest.raises(UsageError, match="not UTF-8"):
+        read_contact_keys(path)

@@ -1,0 +1,230 @@
+"""End-to-end exports over real HTTP on 127.0.0.1 against the sandbox."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import stat
+from pathlib import Path
+
+import pytest
+
+from orchestrator import sfmc
+from orchestrator.config import ExportRequest
+from orchestrator.errors import CredentialsError, LockHeldError, ManifestError
+from orchestrator.export import run_export
+from orchestrator.lock import OutputLock
+from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.sandbox import SandboxServer, SandboxSettings
+from orchestrator.timeparse import to_millis
+from tests.conftest import (
+    HOUR,
+    credentials_for,
+    expected_output,
+    expected_row_count,
+    find_range_with_empty_hour,
+    run_settings,
+)
+
+SWITCHES = list(
+    itertools.product(
+        [False, True],  # end_inclusive
+        ["header", "empty", "204"],  # empty_window
+        ["lf", "crlf"],  # newline
+        [False, True],  # bom
+    )
+)
+
+
+@pytest.mark.parametrize(("end_inclusive", "empty_window", "newline", "bom"), SWITCHES)
+async def test_output_equals_ground_truth_for_every_server_behaviour(
+    tmp_path: Path, end_inclusive: bool, empty_window: str, newline: str, bom: bool
+) -> None:
+    settings = SandboxSettings(
+        rows_per_hour=40,
+        end_inclusive=end_inclusive,
+        empty_window=empty_window,
+        newline=newline,
+        bom=bom,
+    )
+    async with SandboxServer(settings) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        end = start + 5 * HOUR
+        output = tmp_path / "out.csv"
+
+        result = await run_export(
+            run_settings(output, start, end), credentials_for(sandbox)
+        )
+
+    expected = expected_output(
+        sandbox.history, start, end, newline="\r\n" if newline == "crlf" else "\n"
+    )
+    assert result.complete
+    assert output.read_bytes() == expected
+    assert result.rows == expected_row_count(sandbox.history, start, end)
+    assert not ExportPaths(output).parts.exists()
+
+
+async def test_boundary_rows_are_kept_once_with_an_inclusive_end(tmp_path: Path) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=30, end_inclusive=True)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        end = start + 5 * HOUR
+        output = tmp_path / "out.csv"
+        await run_export(
+            run_settings(output, start, end, window=dt.timedelta(minutes=30)),
+            credentials_for(sandbox),
+        )
+
+    boundaries = [to_millis(start + i * HOUR) for i in range(1, 5)]
+    on_a_boundary = sum(len(sandbox.history.expected(t, t + 1)) for t in boundaries)
+    assert on_a_boundary > 0  # the case under test is present
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, end, span=dt.timedelta(minutes=30)
+    )
+
+
+async def test_tsv_with_every_column_and_filters(tmp_path: Path) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        end = start + 5 * HOUR
+        statuses = ["Complete", "Failed"]
+        request = ExportRequest(
+            format="tsv",
+            columns=sfmc.COLUMNS,
+            filters=(("statuses", tuple(statuses)),),
+        )
+        output = tmp_path / "out.tsv"
+        result = await run_export(
+            run_settings(output, start, end, request=request), credentials_for(sandbox)
+        )
+
+    expected = expected_output(
+        sandbox.history,
+        start,
+        end,
+        columns=sfmc.COLUMNS,
+        fmt="tsv",
+        filters={"statuses": statuses},
+    )
+    assert result.complete
+    assert output.read_bytes() == expected
+    assert b'"' in expected
+
+
+async def test_output_and_manifest_are_private(tmp_path: Path) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        output = tmp_path / "out.csv"
+        await run_export(
+            run_settings(output, start, start + 2 * HOUR), credentials_for(sandbox)
+        )
+
+    for path in (output, ExportPaths(output).manifest):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_rerun_of_a_complete_export_requests_nothing(tmp_path: Path) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        output = tmp_path / "out.csv"
+        settings = run_settings(output, start, start + 3 * HOUR)
+        await run_export(settings, credentials_for(sandbox))
+        first = output.read_bytes()
+        downloads = sandbox.stats.downloads
+
+        again = await run_export(settings, credentials_for(sandbox))
+
+        assert sandbox.stats.downloads == downloads
+    assert again.complete
+    assert output.read_bytes() == first
+
+
+async def test_a_different_request_on_the_same_output_is_refused(
+    tmp_path: Path,
+) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        output = tmp_path / "out.csv"
+        await run_export(
+            run_settings(output, start, start + 2 * HOUR), credentials_for(sandbox)
+        )
+        other = run_settings(
+            output, start, start + 2 * HOUR, request=ExportRequest(format="tsv")
+        )
+
+        with pytest.raises(ManifestError, match=r"format.*--restart"):
+            await run_export(other, credentials_for(sandbox))
+
+        restarted = await run_export(
+            run_settings(
+                output,
+                start,
+                start + 2 * HOUR,
+                request=ExportRequest(format="tsv"),
+                restart=True,
+            ),
+            credentials_for(sandbox),
+        )
+    assert restarted.complete
+    assert output.read_bytes().startswith(b"TransactionTime\tContactKey")
+
+
+async def test_existing_file_without_a_manifest_is_not_overwritten(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "out.csv"
+    output.write_bytes(b"precious\n")
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        with pytest.raises(ManifestError, match="exists"):
+            await run_export(
+                run_settings(output, start, start + HOUR), credentials_for(sandbox)
+            )
+    assert output.read_bytes() == b"precious\n"
+
+
+async def test_a_held_lock_stops_a_second_run(tmp_path: Path) -> None:
+    output = tmp_path / "out.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        with OutputLock(ExportPaths(output).lock):
+            with pytest.raises(LockHeldError, match="another run"):
+                await run_export(
+                    run_settings(output, start, start + HOUR),
+                    credentials_for(sandbox),
+                )
+
+
+async def test_rejected_credentials_end_the_run(tmp_path: Path) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        credentials = credentials_for(sandbox)
+        wrong = type(credentials)(
+            client_id=credentials.client_id,
+            client_secret="not-the-secret",
+            auth_url=credentials.auth_url,
+        )
+        with pytest.raises(CredentialsError, match="credentials rejected"):
+            await run_export(
+                run_settings(tmp_path / "o.csv", start, start + 3 * HOUR), wrong
+            )
+        assert sandbox.stats.downloads == 0
+
+
+async def test_manifest_records_every_window(tmp_path: Path) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=20)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        output = tmp_path / "out.csv"
+        await run_export(
+            run_settings(output, start, start + 4 * HOUR, keep_parts=True),
+            credentials_for(sandbox),
+        )
+
+    manifest = Manifest.load(ExportPaths(output).manifest)
+    assert manifest.complete
+    assert [r.state for r in manifest.windows] == ["merged"] * 4
+    assert sum(r.rows for r in manifest.windows) == expected_row_count(
+        sandbox.history, start, start + 4 * HOUR
+    )
+    assert all(r.attempts == 1 and r.sha256 for r in manifest.windows)
+    assert ExportPaths(output).parts.exists()

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import datetime as dt
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import ManifestError
+from orchestrator.manifest import DONE, MERGED, PENDING, ExportPaths, Manifest, WindowRecord
+from orchestrator.merger import Assembler
+from orchestrator.parts import PartWriter
+from orchestrator.planner import Window, plan_windows
+
+START = dt.datetime(2026, 11, 3, tzinfo=dt.UTC)
+
+
+def new_manifest(tmp_path: Path, hours: int = 3) -> tuple[Manifest, ExportPaths]:
+    paths = ExportPaths(tmp_path / "out.csv")
+    windows = plan_windows(START, START + dt.timedelta(hours=hours), dt.timedelta(hours=1))
+    manifest = Manifest(paths.manifest, {"format": "csv"}, [WindowRecord(w) for w in windows])
+    manifest.save()
+    return manifest, paths
+
+
+def test_manifest_round_trips_and_is_private(tmp_path: Path) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    manifest.windows[0].state = DONE
+    manifest.windows[0].rows = 12
+    manifest.save()
+
+    loaded = Manifest.load(paths.manifest)
+
+    assert loaded.windows == manifest.windows
+    assert loaded.request == {"format": "csv"}
+    assert stat.S_IMODE(paths.manifest.stat().st_mode) == 0o600
+
+
+def test_truncated_manifest_is_detected_with_a_way_out(tmp_path: Path) -> None:
+    _, paths = new_manifest(tmp_path)
+    data = paths.manifest.read_bytes()
+    paths.manifest.write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(ManifestError, match="damaged.*--restart"):
+        Manifest.load(paths.manifest)
+
+
+def test_edited_manifest_fails_its_checksum(tmp_path: Path) -> None:
+    _, paths = new_manifest(tmp_path)
+    document = json.loads(paths.manifest.read_text())
+    document["manifest"]["windows"][0]["state"] = "merged"
+    paths.manifest.write_text(json.dumps(document))
+
+    with pytest.raises(ManifestError, match="checksum"):
+        Manifest.load(paths.manifest)
+
+
+def test_split_replaces_a_window_by_its_halves(tmp_path: Path) -> None:
+    manifest, _ = new_manifest(tmp_path)
+    first, second = manifest.split(manifest.windows[1])
+
+    assert [r.window for r in manifest.windows][1:3] == [first.window, second.window]
+    assert first.window.end == START + dt.timedelta(hours=1, minutes=30)
+
+
+def finish_part(paths: ExportPaths, record: WindowRecord, body: bytes) -> None:
+    paths.parts.mkdir(exist_ok=True)
+    writer = PartWriter(paths.part(record.window), columns=["A", "B"], delimiter=",")
+    writer.write(body)
+    info = writer.finish()
+    record.state, record.rows, record.bytes = DONE, info.rows, info.bytes
+    record.sha256, record.newline = info.sha256, info.newline
+
+
+def assemble(assembler: Assembler) -> None:
+    for part in assembler.ready():
+        assembler.appended(part, assembler.append(part))
+
+
+def test_windows_are_appended_in_order_only(tmp_path: Path) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
+    assembler.reconcile()
+    finish_part(paths, manifest.windows[1], b"A,B\n2,x\n")
+
+    assemble(assembler)
+    assert not paths.partial.exists()
+
+    finish_part(paths, manifest.windows[0], b"\xef\xbb\xbfA,B\n1,x")
+    finish_part(paths, manifest.windows[2], b"")
+    assemble(assembler)
+    assembler.publish()
+
+    assert paths.output.read_bytes() == b"A,B\n1,x\n2,x\n"
+    assert [r.state for r in manifest.windows] == [MERGED] * 3
+    assert not paths.parts.exists()
+    assert stat.S_IMODE(paths.output.stat().st_mode) == 0o600
+
+
+def test_reconcile_truncates_bytes_appended_after_the_last_record(
+    tmp_path: Path,
+) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
+    assembler.reconcile()
+    finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
+    assemble(assembler)
+    with paths.partial.open("ab") as partial:
+        partial.write(b"2,half-appended")
+
+    reloaded = Manifest.load(paths.manifest)
+    Assembler(reloaded, paths, header=["A", "B"], delimiter=",").reconcile()
+
+    assert paths.partial.read_bytes() == b"A,B\n1,x\n"
+
+
+def test_reconcile_requests_a_changed_part_again(tmp_path: Path) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
+    assembler.reconcile()
+    finish_part(paths, manifest.windows[1], b"A,B\n2,x\n")
+    manifest.save()
+    paths.part(manifest.windows[1].window).write_bytes(b"2,y\n")
+
+    reloaded = Manifest.load(paths.manifest)
+    Assembler(reloaded, paths, header=["A", "B"], delimiter=",").reconcile()
+
+    assert reloaded.windows[1].state == PENDING
+    assert not paths.part(reloaded.windows[1].window).exists()
+
+
+def test_reconcile_reassembles_when_the_partial_lost_bytes(tmp_path: Path) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = Assembler(
+        manifest, paths, header=["A", "B"], delimiter=",", keep_parts=True
+    )
+    assembler.reconcile()
+    finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
+    assemble(assembler)
+    paths.partial.write_bytes(b"A,")
+
+    reloaded = Manifest.load(paths.manifest)
+    again = Assembler(reloaded, paths, header=["A", "B"], delimiter=",", keep_parts=True)
+    again.reconcile()
+    assemble(again)
+
+    assert paths.partial.read_bytes() == b"A,B\n1,x\n"
+
+
+def test_paths_sit_beside_the_output(tmp_path: Path) -> None:
+    paths = ExportPaths(tmp_path / "x.csv")
+    window = Window(START, START + dt.timedelta(hours=1))
+
+    assert paths.manifest.name == "x.csv.manifest.json"
+    assert paths.part(window).name == "20261103T000000Z_20261103T010000Z.part"
