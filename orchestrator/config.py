@@ -39,6 +39,11 @@ CONFIG_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "compression": str,
         "keep_parts": bool,
         "allow_unknown_values": bool,
+        "estimate": bool,
+        "safety_cap_mb": (int, float),
+        "min_window": str,
+        "retained_only": bool,
+        "history_lag_fallback_seconds": (int, float),
     },
     "filters": {
         "statuses": list,
@@ -133,6 +138,11 @@ class RunSettings:
     compression: str = "gzip"
     keep_parts: bool = False
     restart: bool = False
+    estimate: bool = True
+    cap_bytes: int = 900_000_000
+    min_window: dt.timedelta = dt.timedelta(minutes=1)
+    retained_only: bool = False
+    history_lag_fallback_seconds: float = 7200.0
     retry: RetrySettings = RetrySettings()
     http: HttpSettings = HttpSettings()
 
@@ -295,6 +305,13 @@ def build_settings(
         compression=_choice(merged, "compression", "gzip", COMPRESSIONS),
         keep_parts=bool(merged.get("keep_parts", False)),
         restart=bool(merged.get("restart", False)),
+        estimate=bool(merged.get("estimate", True)),
+        cap_bytes=_cap_bytes(merged),
+        min_window=_build_window(merged.get("min_window", "1m"), name="min_window"),
+        retained_only=bool(merged.get("retained_only", False)),
+        history_lag_fallback_seconds=_positive(
+            merged, "history_lag_fallback_seconds", 7200.0
+        ),
         retry=_build_dataclass(RetrySettings, config.get("retry", {})),
         http=_build_dataclass(HttpSettings, config.get("http", {})),
     )
@@ -372,11 +389,28 @@ def _build_range(
     return start, end
 
 
-def _build_window(text: str) -> dt.timedelta:
-    span = parse_duration(str(text), name="window")
+def _build_window(text: str, *, name: str = "window") -> dt.timedelta:
+    span = parse_duration(str(text), name=name)
     if not MIN_SPAN <= span <= MAX_SPAN:
-        raise UsageError(f"window {text!r} is out of range: use 1m to 1d (default 1h)")
+        raise UsageError(f"{name} {text!r} is out of range: use 1m to 1d")
     return span
+
+
+def _cap_bytes(merged: Mapping[str, Any]) -> int:
+    megabytes = _positive(merged, "safety_cap_mb", 900.0)
+    if megabytes > 1000:
+        raise UsageError(
+            f"safety_cap_mb {megabytes:g} is above SFMC's 1,000 MB download limit; "
+            "use at most 1000 (default 900)"
+        )
+    return int(megabytes * 1_000_000)
+
+
+def _positive(merged: Mapping[str, Any], name: str, default: float) -> float:
+    value = merged.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise UsageError(f"{name} {value!r} must be a number above 0")
+    return float(value)
 
 
 def _bounded_int(

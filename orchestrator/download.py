@@ -94,6 +94,12 @@ class Estimate:
     bytes: int | None
     compressed_bytes: int | None
 
+    def size(self, *, compressed: bool) -> int:
+        """The size to compare with the download cap: compressed if asked for."""
+        if compressed and self.compressed_bytes is not None:
+            return self.compressed_bytes
+        return self.bytes if self.bytes is not None else self.compressed_bytes or 0
+
 
 class JourneyHistoryClient:
     """The download, estimate and freshness calls, authorised by a shared token."""

@@ -5,17 +5,19 @@ Read top to bottom, :func:`run_export` is the whole job in a few named steps.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
 import anyio
 
+from orchestrator import sfmc
 from orchestrator.auth import TokenSource
 from orchestrator.config import Credentials, RunSettings
 from orchestrator.download import JourneyHistoryClient
@@ -23,6 +25,7 @@ from orchestrator.errors import (
     ManifestError,
     PermanentError,
     TooLargeError,
+    UsageError,
     WindowError,
 )
 from orchestrator.lock import OutputLock
@@ -37,9 +40,10 @@ from orchestrator.manifest import (
 )
 from orchestrator.merger import Assembler
 from orchestrator.parts import PartInfo, fsync_directory
-from orchestrator.planner import MIN_SPAN, plan_windows
+from orchestrator.planner import plan_windows
 from orchestrator.pool import PoolEvents, WindowPool
 from orchestrator.retry import AdaptiveLimiter, RetryPolicy, Sleep, ThrottleGate
+from orchestrator.timeparse import iso
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +61,21 @@ class ExportResult:
     retries: int = 0
     throttled: int = 0
     complete: bool = False
+    provisional: int = 0
+    expired: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
 class Hooks:
-    """Injectable parts for tests: the retry sleep and the download cap."""
+    """Injectable parts: the retry sleep, the clock, the TLS context."""
 
     sleep: Sleep = anyio.sleep
-    cap_bytes: int | None = None
+    now: Callable[[], dt.datetime] = _utc_now
     ssl_context: ssl.SSLContext | None = None
 
 
@@ -86,15 +96,52 @@ async def run_export(
             delimiter=settings.request.delimiter,
             keep_parts=settings.keep_parts,
         )
-        assembler.reconcile()
+        if not manifest.complete:
+            assembler.reconcile()
+        if reopened := assembler.reopen_provisional():
+            logger.info("%d provisional windows to request again", reopened)
 
         job = _Job(settings, credentials, paths, assembler, hooks)
-        await job.download_missing()
-        await job.assemble()
-
-        if assembler.all_merged() and not manifest.complete:
-            assembler.publish()
+        if not manifest.complete:
+            check_retention(manifest, settings, hooks.now())
+            await job.download_missing()
+            await job.assemble()
+            if assembler.all_merged():
+                assembler.publish()
         return job.result(time.monotonic() - started)
+
+
+def retention_cutoff(now: dt.datetime) -> dt.datetime:
+    """The oldest moment SFMC still keeps history for."""
+    return now - dt.timedelta(days=sfmc.RETENTION_DAYS)
+
+
+def check_retention(
+    manifest: Manifest, settings: RunSettings, now: dt.datetime
+) -> None:
+    """Refuse windows still to request that reach past retention, or drop them."""
+    cutoff = retention_cutoff(now)
+    todo = [r for r in manifest.windows if r.state in (PENDING, FAILED)]
+    reaching = [r for r in todo if r.window.start < cutoff]
+    if not reaching:
+        return
+
+    lost_end = min(cutoff, reaching[-1].window.end)
+    lost = f"{iso(reaching[0].window.start)} to {iso(lost_end)}"
+    if not settings.retained_only:
+        raise UsageError(
+            f"{lost} is past SFMC's {sfmc.RETENTION_DAYS}-day retention and is gone; "
+            f"start at or after {iso(cutoff)}, or add --retained-only to export only "
+            "what is retained"
+        )
+
+    gone = [r for r in reaching if r.window.end <= cutoff]
+    for record in gone:
+        manifest.windows.remove(record)
+    expired = manifest.extra.setdefault("expired", [])
+    expired.extend(r.window.key for r in gone)
+    manifest.save()
+    logger.warning("--retained-only: %s is past retention; not exported", lost)
 
 
 def open_manifest(settings: RunSettings, paths: ExportPaths) -> Manifest:
@@ -187,14 +234,15 @@ class _Job:
         self.assembling = anyio.Lock()
         self.client: JourneyHistoryClient | None = None
         self.pool: WindowPool | None = None
+        self.history_lag = settings.history_lag_fallback_seconds
+        self.estimates_usable = settings.estimate
+
+    def todo(self) -> list[WindowRecord]:
+        return [r for r in self.manifest.windows if r.state in (PENDING, FAILED)]
 
     async def download_missing(self) -> None:
-        todo = [r for r in self.manifest.windows if r.state in (PENDING, FAILED)]
-        if not todo:
+        if not self.todo():
             return
-        logger.info(
-            "%d of %d windows to download", len(todo), len(self.manifest.windows)
-        )
 
         async with open_session(self.settings, self.hooks) as session:
             tokens = TokenSource(session, self.credentials)
@@ -203,8 +251,14 @@ class _Job:
                 tokens,
                 self.settings.request,
                 compression=self.settings.compression,
-                **_cap(self.hooks),
+                cap_bytes=self.settings.cap_bytes,
             )
+            self.history_lag = await self._history_lag()
+            await self._estimate(self.todo())
+
+            todo = self.todo()
+            total = len(self.manifest.windows)
+            logger.info("%d of %d windows to download", len(todo), total)
             events = PoolEvents(self._done, self._failed, self._too_large)
             self.pool = WindowPool(
                 self._fetch,
@@ -214,6 +268,62 @@ class _Job:
                 gate=self.gate,
             )
             await self.pool.run(todo)
+
+    async def _history_lag(self) -> float:
+        assert self.client is not None
+        fallback = self.settings.history_lag_fallback_seconds
+        try:
+            lag = await self.client.freshness()
+        except WindowError as error:
+            logger.warning(
+                "freshness unavailable (%s); assuming %.0f s", error, fallback
+            )
+            return fallback
+        if lag is None:
+            logger.warning("freshness answer not understood; assuming %.0f s", fallback)
+            return fallback
+
+        logger.info("history lags %.0f s behind real time", lag)
+        return lag
+
+    async def _estimate(self, records: list[WindowRecord]) -> None:
+        """Split windows whose estimate is over the safety cap, before downloading."""
+        fresh = [r for r in records if r.estimated_bytes is None]
+        if not self.estimates_usable or not fresh:
+            return
+        async with anyio.create_task_group() as group:
+            for record in fresh:
+                group.start_soon(self._estimate_one, record)
+
+    async def _estimate_one(self, record: WindowRecord) -> None:
+        assert self.client is not None
+        if not self.estimates_usable:
+            return
+        try:
+            async with self.limiter:
+                estimate = await self.client.estimate(record.window)
+        except WindowError as error:
+            self._stop_estimating(f"estimate failed ({error})")
+            return
+        if estimate is None:
+            self._stop_estimating("estimate answer not understood")
+            return
+
+        size = estimate.size(compressed=self.settings.compression != "none")
+        record.estimated_bytes = size
+        if size > self.settings.cap_bytes and self._can_split(record):
+            logger.info("window %s: estimate %d bytes; splitting", record.window, size)
+            for half in self.manifest.split(record):
+                await self._estimate_one(half)
+        self.manifest.save()
+
+    def _stop_estimating(self, reason: str) -> None:
+        if self.estimates_usable:
+            logger.warning("%s; going on without estimates", reason)
+        self.estimates_usable = False
+
+    def _can_split(self, record: WindowRecord) -> bool:
+        return record.window.span / 2 >= self.settings.min_window
 
     async def _fetch(self, record: WindowRecord) -> PartInfo:
         assert self.client is not None
@@ -235,6 +345,7 @@ class _Job:
         fsync_directory(part.parent)
 
         record.state = DONE
+        record.provisional = self._is_provisional(record)
         record.rows, record.bytes = info.rows, info.bytes
         record.sha256, record.newline = info.sha256, info.newline
         record.error = None
@@ -248,6 +359,11 @@ class _Job:
             record.attempts,
         )
         await self.assemble()
+
+    def _is_provisional(self, record: WindowRecord) -> bool:
+        requested_at = self.hooks.now() - dt.timedelta(seconds=record.seconds)
+        final_until = requested_at - dt.timedelta(seconds=self.history_lag)
+        return record.window.end > final_until
 
     async def _failed(self, record: WindowRecord, error: WindowError) -> None:
         record.state = FAILED
@@ -263,7 +379,7 @@ class _Job:
     def _too_large(
         self, record: WindowRecord, error: TooLargeError
     ) -> list[WindowRecord]:
-        if record.window.span / 2 < MIN_SPAN:
+        if not self._can_split(record):
             failure = PermanentError(f"{error}, and the window cannot be split further")
             record.state, record.error = FAILED, str(failure)
             self.manifest.save()
@@ -296,16 +412,14 @@ class _Job:
             retries=stats.retries if stats else 0,
             throttled=stats.throttled if stats else 0,
             complete=self.manifest.complete,
+            provisional=sum(r.provisional for r in self.manifest.windows),
+            expired=len(self.manifest.extra.get("expired", [])),
             failed={
                 r.window.key: r.error or "unknown"
                 for r in self.manifest.windows
                 if r.state == FAILED
             },
         )
-
-
-def _cap(hooks: Hooks) -> dict[str, int]:
-    return {} if hooks.cap_bytes is None else {"cap_bytes": hooks.cap_bytes}
 
 
 @asynccontextmanager

@@ -79,6 +79,8 @@ class WindowRecord:
     seconds: float = 0.0
     error: str | None = None
     provisional: bool = False
+    offset: int | None = None
+    estimated_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +95,8 @@ class WindowRecord:
             "seconds": round(self.seconds, 3),
             "error": self.error,
             "provisional": self.provisional,
+            "offset": self.offset,
+            "estimated_bytes": self.estimated_bytes,
         }
 
     @classmethod
@@ -113,7 +117,9 @@ class WindowRecord:
             newline=data["newline"],
             seconds=float(data["seconds"]),
             error=data["error"],
-            provisional=bool(data.get("provisional", False)),
+            provisional=bool(data["provisional"]),
+            offset=data["offset"],
+            estimated_bytes=data["estimated_bytes"],
         )
 
 

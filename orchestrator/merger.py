@@ -72,8 +72,45 @@ class Assembler:
                 part.unlink(missing_ok=True)
                 record.state = PENDING
 
+    def reopen_provisional(self) -> int:
+        """Put windows exported while still provisional back to pending.
+
+        Their rows leave the output: it is cut back to where the first of them began
+        (a published output is first moved back to the partial name). Returns how
+        many windows were reopened.
+        """
+        reopen = [
+            r
+            for r in self.manifest.windows
+            if r.provisional and r.state in (DONE, MERGED)
+        ]
+        if not reopen:
+            return 0
+        if self.manifest.complete:
+            os.replace(self.paths.output, self.paths.partial)
+            self.manifest.complete = False
+
+        offsets = [
+            r.offset for r in reopen if r.state == MERGED and r.offset is not None
+        ]
+        if offsets:
+            self._cut_partial(min(offsets))
+        for record in reopen:
+            self.paths.part(record.window).unlink(missing_ok=True)
+            record.state, record.provisional = PENDING, False
+        self.manifest.save()
+        self._reconcile_parts()
+        return len(reopen)
+
+    def _cut_partial(self, offset: int) -> None:
+        os.truncate(self.paths.partial, offset)
+        self.manifest.merged_bytes = offset
+        for record in self.manifest.windows:
+            if record.state == MERGED and (record.offset or 0) >= offset:
+                record.state, record.offset = DONE, None
+
     def ready(self) -> list[Path]:
-        """Parts that can be appended now, in order, and the newline to use."""
+        """Parts that can be appended now, in window order."""
         newline = self._newline()
         if newline is None:
             return []
@@ -105,6 +142,7 @@ class Assembler:
         for record in self.manifest.windows:
             if record.state == DONE and self.paths.part(record.window) == part:
                 record.state = MERGED
+                record.offset = self.manifest.merged_bytes
                 break
         self.manifest.merged_bytes = size
         self.manifest.newline = self._newline()

@@ -8,7 +8,7 @@ from typing import Any
 from orchestrator import sfmc
 from orchestrator.config import Credentials, ExportRequest, RunSettings
 from orchestrator.planner import plan_windows
-from orchestrator.sandbox import History, SandboxServer
+from orchestrator.sandbox import History, SandboxServer, render
 from orchestrator.timeparse import to_millis
 
 HOUR = dt.timedelta(hours=1)
@@ -57,7 +57,7 @@ def expected_output(
         rows = history.expected(
             to_millis(window.start), to_millis(window.end), filters=filters
         )
-        out.append(history.render(rows, columns, fmt, newline=newline, header=False))
+        out.append(render(rows, columns, fmt, newline=newline, header=False))
     return b"".join(out)
 
 

@@ -197,7 +197,7 @@ def test_sigterm_exits_130_and_the_rerun_completes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_kill_9_then_rerun_gives_the_same_bytes(tmp_path: Path, seed: int) -> None:
-    process, port = start_sandbox("rows_per_hour=200", "first_byte_seconds=0.1")
+    process, port = start_sandbox("rows_per_hour=200", "first_byte_seconds=0.3")
     end = hour_now() - 2 * HOUR
     rng = random.Random(seed)
     try:
@@ -206,11 +206,13 @@ def test_kill_9_then_rerun_gives_the_same_bytes(tmp_path: Path, seed: int) -> No
         assert done.returncode == 0, done.stderr
 
         killed = tmp_path / "killed.csv"
-        for _ in range(2):
+        for round_number in range(2):
             run = slow_run(killed, port, 10, end)
-            time.sleep(rng.uniform(0.3, 2.0))
+            time.sleep(rng.uniform(0.5, 1.5))
             run.kill()
             run.wait(10)
+            if round_number == 0:
+                assert not killed.exists()  # the first kill landed mid-export
         done = journey_export("run", *range_args(10, killed, end), env=env_for(port))
         assert done.returncode == 0, done.stderr
     finally:

@@ -20,7 +20,7 @@ JOURNEY_NAMES = (
     "Abandoned Cart",
     "Win-back, Lapsed Customers",
     'Renewal "Gold" Members',
-    "Bienvenue – Nouveaux clients",
+    "Bienvenue \u2013 Nouveaux clients",
     "Post-purchase Survey",
     "Birthday Offer",
     "Onboarding: Mobile App",
@@ -121,7 +121,7 @@ def build_catalogue(seed: int) -> Catalogue:
 def _version(rng: random.Random, name: str, number: int) -> JourneyVersion:
     instances = tuple(guid(rng.getrandbits(128)) for _ in range(rng.randint(2, 3)))
     source = rng.choice(SOURCE_TYPES)
-    event = f"{name.split()[0].strip(',')}_Entry_v{number}"
+    event = f"{name.split(maxsplit=1)[0].strip(',')}_Entry_v{number}"
     return JourneyVersion(
         definition_id=guid(rng.getrandbits(128)),
         name=name,

@@ -11,27 +11,35 @@ Where each kind applies:
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import random
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from orchestrator import sfmc
+from orchestrator.sandbox.query import parse_time
 
-STATUS_KINDS = ("throttle", "blocked", "unavailable", "error500", "error502", "error504")
-BODY_KINDS = ("reset", "cut_length", "cut_chunked", "cut_gzip", "stall", "slow_first_byte")
+STATUS_KINDS = (
+    "throttle",
+    "blocked",
+    "unavailable",
+    "error500",
+    "error502",
+    "error504",
+)
+BODY_KINDS = (
+    "reset",
+    "cut_length",
+    "cut_chunked",
+    "cut_gzip",
+    "stall",
+    "slow_first_byte",
+)
 TOKEN_KINDS = ("token_revoked", "token_error")
 KINDS = STATUS_KINDS + BODY_KINDS + TOKEN_KINDS
 DOWNLOAD_KINDS = (*STATUS_KINDS, *BODY_KINDS, "token_revoked")
 CALL_KINDS = (*STATUS_KINDS, "token_revoked")
-NUMBERS = {
-    "retry_after": "retry_after_seconds",
-    "stall_seconds": "stall_seconds",
-    "first_byte_seconds": "first_byte_seconds",
-    "seed": "seed",
-}
+NUMBERS = ("retry_after", "stall_seconds", "first_byte_seconds", "seed")
 NOT_AUTHORIZED = {"message": "Not Authorized", "errorcode": 0, "documentation": ""}
 PLAIN_ERRORS = {
     "error500": (500, "Internal Server Error"),
@@ -145,6 +153,11 @@ class FaultInjector:
         return None
 
 
+def not_authorized() -> ErrorAnswer:
+    """The answer to a REST call without a valid, unexpired token."""
+    return ErrorAnswer(401, json.dumps(NOT_AUTHORIZED).encode())
+
+
 def rest_error(status: int, errorcode: int, message: str) -> ErrorAnswer:
     """An error in the REST shape: message, errorcode, documentation."""
     document = {"message": message, "errorcode": errorcode, "documentation": ""}
@@ -173,7 +186,7 @@ def fault_answer(kind: str, *, retry_after: int = 1) -> ErrorAnswer:
         return replace(rest_error(503, 50300, text), headers=wait)
 
     if kind == "token_revoked":
-        return ErrorAnswer(401, json.dumps(NOT_AUTHORIZED).encode())
+        return not_authorized()
 
     status, text = PLAIN_ERRORS[kind]
     content_type = "text/html" if text.startswith("<") else "text/plain"
@@ -201,11 +214,19 @@ def parse_faults(
         except ValueError as error:
             raise ValueError(f"bad fault {item!r}: {error}") from None
 
-    changes: dict[str, object] = {
-        NUMBERS[name]: int(value) if name in ("seed", "retry_after") else value
-        for name, value in numbers.items()
-    }
-    return replace(settings, rates=rates, rules=tuple(rules), **changes)
+    return replace(
+        settings,
+        rates=rates,
+        rules=tuple(rules),
+        retry_after_seconds=int(
+            numbers.get("retry_after", settings.retry_after_seconds)
+        ),
+        stall_seconds=numbers.get("stall_seconds", settings.stall_seconds),
+        first_byte_seconds=numbers.get(
+            "first_byte_seconds", settings.first_byte_seconds
+        ),
+        seed=int(numbers.get("seed", settings.seed)),
+    )
 
 
 def _parse_item(
@@ -238,18 +259,12 @@ def _parse_rule(item: str) -> FaultRule:
     if attempt is not None and attempt < 1:
         raise ValueError("attempts count from 1")
 
-    start = _parse_start(start_text) if start_text else None
+    start = parse_time(start_text) if start_text else None
     return FaultRule(kind, attempt, start)
-
-
-def _parse_start(text: str) -> int:
-    moment = dt.datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-
-    return (moment - sfmc.EPOCH) // dt.timedelta(milliseconds=1)
 
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise ValueError(f"unknown fault kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise ValueError(
+            f"unknown fault kind {kind!r}; expected one of {', '.join(KINDS)}"
+        )

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 Row = tuple[str, ...]
 Filters = Mapping[str, Sequence[str]]
 FilterKey = tuple[tuple[str, frozenset[str]], ...]
+Search = Callable[[str], re.Match[str] | None]
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -138,7 +139,7 @@ class History:
         filters: Filters | None = None,
         end_inclusive: bool = False,
     ) -> list[Row]:
-        """The rows with start <= TransactionTime < end (<= end if inclusive), newest first.
+        """Rows with start <= TransactionTime < end (<= end if inclusive), newest first.
 
         Raises ValueError for an unknown filter key.
         """
@@ -187,6 +188,14 @@ class History:
 
         return Window(b"".join(parts), count)
 
+    def clip(
+        self, start_ms: int, end_ms: int, *, end_inclusive: bool = False
+    ) -> tuple[int, int]:
+        """The half-open span [low, high) of a window that can hold rows."""
+        low = max(start_ms, self.oldest())
+        high = min(end_ms + 1 if end_inclusive else end_ms, self.now())
+        return low, max(low, high)
+
     def hour(self, hour_ms: int) -> list[Row]:
         """Every row of the hour starting at `hour_ms`, newest first, ignoring now."""
         return self._hour(hour_ms).rows
@@ -203,8 +212,7 @@ class History:
         self, start_ms: int, end_ms: int, end_inclusive: bool
     ) -> Iterator[tuple[int, int, int]]:
         """Yield (hour, low, high) newest hour first: the clipped part of each hour."""
-        low = max(start_ms, self.oldest())
-        high = min(end_ms + 1 if end_inclusive else end_ms, self.now())
+        low, high = self.clip(start_ms, end_ms, end_inclusive=end_inclusive)
         if low >= high:
             return
 
@@ -222,7 +230,12 @@ class History:
             yield hour, first, last
 
     def _render_hour(
-        self, hour_ms: int, columns: tuple[str, ...], fmt: str, newline: str, key: FilterKey
+        self,
+        hour_ms: int,
+        columns: tuple[str, ...],
+        fmt: str,
+        newline: str,
+        key: FilterKey,
     ) -> _Rendered:
         cache_key = (hour_ms, columns, fmt, newline, key)
         cached = self._rendered.get(cache_key)
@@ -266,39 +279,34 @@ def render(
 def render_header(columns: Sequence[str], fmt: str, *, newline: str = "\n") -> bytes:
     """The header line: the requested column names in the requested order."""
     _column_indexes(columns)
-    return encode_rows([tuple(columns)], range(len(columns)), fmt, newline=newline)[0]
+    delimiter = _delimiter(fmt)
+    return (_line(columns, delimiter, _quoting(delimiter)) + newline).encode()
 
 
 def encode_rows(
-    rows: Sequence[Sequence[str]],
-    columns: Sequence[str] | range,
-    fmt: str,
-    *,
-    newline: str = "\n",
+    rows: Sequence[Row], columns: Sequence[str], fmt: str, *, newline: str = "\n"
 ) -> list[bytes]:
     """Each row rendered as one UTF-8 line, in order.
 
-    `columns` names the columns to pick, or is a range of positions for rows that
-    are already picked. A field is quoted when it holds the delimiter, a quote, CR
-    or LF; a lone empty field is written `""` so the line is not blank.
+    A field is quoted when it holds the delimiter, a quote, CR or LF; a lone empty
+    field is written `""` so that the line is not blank.
     """
+    pick = _picker(_column_indexes(columns))
     delimiter = _delimiter(fmt)
-    indexes = columns if isinstance(columns, range) else _column_indexes(columns)
-    pick = _picker(list(indexes))
-    width = len(indexes) - 1
-    special = re.compile(f'[{re.escape(delimiter)}"\r\n]').search
-    lines = []
-    for row in rows:
-        fields = pick(row)
-        line = delimiter.join(fields)
-        if line.count(delimiter) != width or _BREAKS_OR_QUOTES(line):
-            line = delimiter.join([_quote(f) if special(f) else f for f in fields])
-        elif not line and width == 0:
-            line = '""'
+    special = _quoting(delimiter)
+    return [(_line(pick(row), delimiter, special) + newline).encode() for row in rows]
 
-        lines.append((line + newline).encode())
 
-    return lines
+def _line(fields: Sequence[str], delimiter: str, special: Search) -> str:
+    line = delimiter.join(fields)
+    if line.count(delimiter) != len(fields) - 1 or _BREAKS_OR_QUOTES(line):
+        return delimiter.join([_quote(f) if special(f) else f for f in fields])
+
+    return line or '""'
+
+
+def _quoting(delimiter: str) -> Search:
+    return re.compile(f'[{re.escape(delimiter)}"\r\n]').search
 
 
 def _quote(field: str) -> str:
@@ -318,7 +326,9 @@ def filter_key(filters: Filters | None) -> FilterKey:
 
         if values:
             fold = name == "statuses"
-            normalised.append((name, frozenset(v.casefold() if fold else v for v in values)))
+            normalised.append(
+                (name, frozenset(v.casefold() if fold else v for v in values))
+            )
 
     return tuple(normalised)
 
@@ -373,7 +383,9 @@ def _draw_hour(catalogue: Catalogue, seed: int, hour_ms: int, per_hour: int) -> 
     count = _row_count(rng, hour_ms, per_hour)
     boundary = min(count, rng.randint(1, 2))
     times = [hour_ms] * boundary
-    times.extend(hour_ms + 1 + rng.randrange(HOUR_MS - 1) for _ in range(count - boundary))
+    times.extend(
+        hour_ms + 1 + rng.randrange(HOUR_MS - 1) for _ in range(count - boundary)
+    )
     times.sort(reverse=True)
     rows = _draw_rows(rng, catalogue, hour_ms, times)
     logger.debug(
@@ -445,9 +457,19 @@ def _draw_rows(
             "StartDate": starts[int(draw() * len(starts))],
             "Status": status,
             "TransactionTime": stamp,
-            "Result.Messages": messages[int(draw() * len(messages))] if draw() < 0.8 else "",
-            "Result.Outcome": "Failure" if failed else "Pending" if is_open else "Success",
-            "Result.Status": "Failed" if failed else "InProgress" if is_open else "Succeeded",
+            "Result.Messages": messages[int(draw() * len(messages))]
+            if draw() < 0.8
+            else "",
+            "Result.Outcome": "Failure"
+            if failed
+            else "Pending"
+            if is_open
+            else "Success",
+            "Result.Status": "Failed"
+            if failed
+            else "InProgress"
+            if is_open
+            else "Succeeded",
             "Result.Tags": TAGS[int(draw() * len(TAGS))],
         }
         rows.append(in_columns_order(values))

@@ -11,7 +11,7 @@ NO_ANSWER = 0
 
 
 def window_key(start_ms: int, end_ms: int) -> str:
-    """The key a download window is counted under: `start/end` as the API writes times."""
+    """The key a download window is counted under: `start/end`, times as the API's."""
     return f"{sfmc.format_time(start_ms)}/{sfmc.format_time(end_ms)}"
 
 

@@ -1,0 +1,421 @@
+"""The sandbox's handlers: token, download, estimate, freshness, truth and stats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from orchestrator import sfmc
+from orchestrator.sandbox import wire
+from orchestrator.sandbox.cache import Lru
+from orchestrator.sandbox.faults import (
+    STATUS_KINDS,
+    ErrorAnswer,
+    FaultInjector,
+    fault_answer,
+    not_authorized,
+    rest_error,
+)
+from orchestrator.sandbox.history import History, Window, filter_key
+from orchestrator.sandbox.query import (
+    NO_DIRECT_PIPE,
+    TOO_LARGE,
+    BadRequest,
+    DownloadQuery,
+    read_query,
+)
+from orchestrator.sandbox.settings import SandboxSettings
+from orchestrator.sandbox.stats import NO_ANSWER, SandboxStats, window_key
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+TRUTH_PATH = "sandbox/truth"
+STATS_PATH = "sandbox/stats"
+SCOPE = "journeys_read list_and_subscribers_read"
+CONTENT_TYPES = {"csv": "text/csv", "tsv": "text/tab-separated-values"}
+GARBAGE = b"<html><body>Service temporarily unavailable</body></html>"
+RESET = "sandbox.reset"
+ENCODED_CACHE_BYTES = 128 * 2**20
+
+
+class SandboxApp:
+    """The sandbox's state (settings, history, tokens, stats) and its handlers.
+
+    `clock` gives seconds for token expiry (monotonic); `now_ms` fixes the history's
+    present, None follows the wall clock.
+    """
+
+    def __init__(
+        self,
+        settings: SandboxSettings,
+        *,
+        now_ms: int | None = None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.stats = SandboxStats()
+        self.base_url = "http://127.0.0.1/"
+        self.history = History(settings.seed, settings.rows_per_hour, now_ms=now_ms)
+        self._now_ms = now_ms
+        self._clock = clock
+        self._tokens: dict[str, float] = {}
+        self._injector = FaultInjector(settings.faults)
+        self._encoded: Lru[bytes] = Lru(ENCODED_CACHE_BYTES, len)
+
+    def apply(self, settings: SandboxSettings) -> None:
+        """Switch to new settings; a new seed or volume means a new history."""
+        old, self.settings = self.settings, settings
+        if (old.seed, old.rows_per_hour) != (settings.seed, settings.rows_per_hour):
+            now = self._now_ms
+            self.history = History(settings.seed, settings.rows_per_hour, now_ms=now)
+            self._encoded.clear()
+
+        if old.faults != settings.faults:
+            self._injector = FaultInjector(settings.faults)
+
+    def revoke_tokens(self) -> None:
+        """Invalidate every token handed out so far."""
+        self._tokens.clear()
+
+    def build(self) -> web.Application:
+        """The aiohttp application serving the sandbox."""
+        app = web.Application(middlewares=[self._middleware])
+        app.on_response_prepare.append(self._count_answer)
+        app.router.add_post("/" + sfmc.TOKEN_PATH, self.token)
+        app.router.add_post("/" + sfmc.DOWNLOAD_PATH, self.download)
+        app.router.add_post("/" + sfmc.ESTIMATE_PATH, self.estimate)
+        app.router.add_get("/" + sfmc.FRESHNESS_PATH, self.freshness)
+        app.router.add_post("/" + TRUTH_PATH, self.truth)
+        app.router.add_get("/" + STATS_PATH, self.stats_view)
+        return app
+
+    async def token(self, request: web.Request) -> web.StreamResponse:
+        """POST v2/token: the client credentials grant."""
+        self.stats.token_requests += 1
+        if self._injector.for_token(self.stats.token_requests):
+            self.stats.faults["token_error"] += 1
+            return _answer(fault_answer("token_error"))
+
+        body = await _json_object(request)
+        if body is None:
+            return _oauth_error(
+                400, "invalid_request", "The body must be a JSON object."
+            )
+
+        refusal = self._token_refusal(body)
+        if refusal is not None:
+            return refusal
+
+        self._tokens = {
+            key: end for key, end in self._tokens.items() if end > self._clock()
+        }
+        token = secrets.token_urlsafe(32)
+        lifetime = self.settings.token_lifetime_seconds
+        self._tokens[token] = self._clock() + lifetime
+        return web.json_response(
+            {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": lifetime,
+                "scope": body.get("scope") or SCOPE,
+                "rest_instance_url": self.base_url,
+                "soap_instance_url": self.base_url + "soap/",
+            }
+        )
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        """POST the download: the file, streamed, or an error or an injected fault."""
+        token = self._token(request)
+        if token is None:
+            return _answer(not_authorized())
+
+        if request.headers.get("x-direct-pipe", "").strip().lower() != "true":
+            text = "The x-direct-pipe header must be present and set to true."
+            return _answer(rest_error(400, NO_DIRECT_PIPE, text))
+
+        query = await read_query(request)
+        attempt = self.stats.count_attempt(window_key(query.start_ms, query.end_ms))
+        limit = self.settings.max_concurrent_downloads
+        if limit is not None and self.stats.active_downloads >= limit:
+            return _answer(fault_answer("blocked"))
+
+        fault = self._injector.for_download(query.start_ms, attempt)
+        if fault is not None:
+            self._note_fault(fault, query, attempt)
+
+        self.stats.download_started()
+        try:
+            return await self._download(request, query, fault, token)
+        finally:
+            self.stats.download_finished()
+
+    async def estimate(self, request: web.Request) -> web.StreamResponse:
+        """POST the estimate: row count and sizes of what the download would send."""
+        refusal = self._call_refusal(request)
+        if refusal is not None:
+            return refusal
+
+        query = await read_query(request)
+        body = self._empty_body(await self._window(query))
+        compressed = wire.estimate_compressed(body.body)
+        sizes = (body.row_count, len(body.body), compressed)
+        names = {
+            "a": ("rowCount", "estimatedSizeBytes", "estimatedCompressedSizeBytes"),
+            "b": ("totalRows", "fileSize", "compressedFileSize"),
+        }
+        return _shaped(self.settings.estimate_shape, names, sizes)
+
+    async def freshness(self, request: web.Request) -> web.StreamResponse:
+        """GET freshness: how far history lags behind journey events, in seconds."""
+        refusal = self._call_refusal(request)
+        if refusal is not None:
+            return refusal
+
+        names = {"a": ("lagSeconds",), "b": ("historyLagSeconds",)}
+        lag = (self.settings.history_lag_seconds,)
+        return _shaped(self.settings.freshness_shape, names, lag)
+
+    async def truth(self, request: web.Request) -> web.StreamResponse:
+        """POST sandbox/truth: the bytes an exporter must end with for [start, end)."""
+        query = await read_query(request)
+        window = await self._window(query, truth=True)
+        return web.Response(body=window.body, headers=_file_headers(query.fmt, None))
+
+    async def stats_view(self, request: web.Request) -> web.StreamResponse:
+        """GET sandbox/stats: the running counts as JSON."""
+        return web.json_response(self.stats.as_dict())
+
+    async def _download(
+        self, request: web.Request, query: DownloadQuery, fault: str | None, token: str
+    ) -> web.StreamResponse:
+        if fault in STATUS_KINDS or fault == "token_revoked":
+            return self._fault_answer(fault, token)
+
+        if fault == "reset":
+            request[RESET] = True
+            self.stats.answers[NO_ANSWER] += 1
+            wire.reset(request)
+            return web.Response()
+
+        await self._first_byte_delay(fault)
+        window = self._empty_body(await self._window(query))
+        if window.row_count == 0 and self.settings.empty_window == "204":
+            return web.Response(status=204)
+
+        encoding = self._encoding(request, fault)
+        data = await self._encode(query, window.body, encoding)
+        cap = self.settings.cap_bytes
+        if cap is not None and len(data) > cap:
+            if self.settings.cap_behaviour == "error":
+                text = "The download exceeds the maximum file size; narrow the request."
+                return _answer(rest_error(400, TOO_LARGE, text))
+
+            data = data[:cap]
+
+        claimed = (
+            "gzip" if self.settings.false_encoding and fault != "cut_gzip" else None
+        )
+        headers = _file_headers(query.fmt, claimed or _coding(encoding))
+        response = web.StreamResponse(headers=headers)
+        return await wire.deliver(request, response, self._delivery(data, fault))
+
+    def _delivery(self, data: bytes, fault: str | None) -> wire.Delivery:
+        chunked = self.settings.transfer == "chunked"
+        middle = wire.mid_row(data)
+        if fault == "cut_length":
+            return wire.Delivery(data, chunked=False, cut_at=middle)
+
+        if fault == "cut_chunked":
+            return wire.Delivery(data, chunked=True, cut_at=middle)
+
+        if fault == "cut_gzip":
+            return wire.Delivery(data[:middle], chunked=chunked)
+
+        if fault == "stall":
+            stall = self.settings.faults.stall_seconds
+            return wire.Delivery(data, chunked, cut_at=middle, stall_seconds=stall)
+
+        pace = self.settings.bandwidth_bytes_per_second
+        return wire.Delivery(data, chunked, bandwidth=pace)
+
+    def _encoding(self, request: web.Request, fault: str | None) -> str:
+        if fault == "cut_gzip":
+            return "gzip"
+
+        if self.settings.false_encoding or not self.settings.honour_accept_encoding:
+            return "identity"
+
+        return wire.choose_encoding(request.headers.get("Accept-Encoding", ""))
+
+    async def _encode(self, query: DownloadQuery, body: bytes, encoding: str) -> bytes:
+        if encoding == "identity":
+            return body
+
+        raw = self.settings.deflate_raw
+        key = (self._window_key(query), len(body), encoding, raw)
+        cached = self._encoded.get(key)
+        if cached is None:
+            cached = await asyncio.to_thread(
+                wire.encode, body, encoding, raw_deflate=raw
+            )
+            self._encoded.put(key, cached)
+
+        return cached
+
+    def _window_key(self, query: DownloadQuery) -> tuple[object, ...]:
+        inclusive = self.settings.end_inclusive
+        bounds = self.history.clip(
+            query.start_ms, query.end_ms, end_inclusive=inclusive
+        )
+        choices = (self.settings.newline, self.settings.bom, self.settings.empty_window)
+        return (*bounds, query.columns, query.fmt, filter_key(query.filters), *choices)
+
+    async def _window(self, query: DownloadQuery, *, truth: bool = False) -> Window:
+        return await asyncio.to_thread(
+            self.history.window,
+            query.start_ms,
+            query.end_ms,
+            query.columns,
+            query.fmt,
+            filters=query.filters,
+            end_inclusive=self.settings.end_inclusive and not truth,
+            newline=self.settings.line_ending,
+            bom=self.settings.bom and not truth,
+        )
+
+    def _empty_body(self, window: Window) -> Window:
+        if window.row_count == 0 and self.settings.empty_window != "header":
+            return Window(b"", 0)
+
+        return window
+
+    async def _first_byte_delay(self, fault: str | None) -> None:
+        delay = self.settings.first_byte_seconds
+        if fault == "slow_first_byte":
+            delay += self.settings.faults.first_byte_seconds
+
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _token(self, request: web.Request) -> str | None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        expiry = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+        if expiry is None or self._clock() >= expiry:
+            return None
+
+        return token.strip()
+
+    def _token_refusal(self, body: dict[str, Any] | None) -> web.Response | None:
+        if body is None:
+            return _oauth_error(
+                400, "invalid_request", "The body must be a JSON object."
+            )
+
+        if body.get("grant_type") != "client_credentials":
+            text = "Use grant_type client_credentials."
+            return _oauth_error(400, "unsupported_grant_type", text)
+
+        same_id = secrets.compare_digest(
+            str(body.get("client_id", "")), self.settings.client_id
+        )
+        same_secret = secrets.compare_digest(
+            str(body.get("client_secret", "")), self.settings.client_secret
+        )
+        if not (same_id and same_secret):
+            text = "Client authentication failed."
+            return _oauth_error(401, "invalid_client", text)
+
+        return None
+
+    def _call_refusal(self, request: web.Request) -> web.Response | None:
+        token = self._token(request)
+        if token is None:
+            return _answer(not_authorized())
+
+        fault = self._injector.for_call()
+        if fault is None:
+            return None
+
+        self.stats.faults[fault] += 1
+        logger.debug("injecting %s into %s", fault, request.path)
+        return self._fault_answer(fault, token)
+
+    def _fault_answer(self, fault: str | None, token: str) -> web.Response:
+        if fault == "token_revoked":
+            self._tokens.pop(token, None)
+
+        retry_after = self.settings.faults.retry_after_seconds
+        return _answer(fault_answer(str(fault), retry_after=retry_after))
+
+    def _note_fault(self, fault: str, query: DownloadQuery, attempt: int) -> None:
+        self.stats.faults[fault] += 1
+        key = window_key(query.start_ms, query.end_ms)
+        logger.debug("injecting %s into attempt %d of window %s", fault, attempt, key)
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        self.stats.requests[request.path] += 1
+        try:
+            return await handler(request)
+        except BadRequest as error:
+            return _answer(rest_error(400, error.errorcode, error.message))
+
+    async def _count_answer(
+        self, request: web.Request, response: web.StreamResponse
+    ) -> None:
+        if not request.get(RESET):
+            self.stats.answers[response.status] += 1
+
+
+def _answer(error: ErrorAnswer) -> web.Response:
+    response = web.Response(status=error.status, body=error.body, headers=error.headers)
+    response.content_type = error.content_type
+    return response
+
+
+def _oauth_error(status: int, error: str, description: str) -> web.Response:
+    document = {"error": error, "error_description": description}
+    return web.json_response(document, status=status)
+
+
+def _shaped(
+    shape: str, names: Mapping[str, tuple[str, ...]], values: tuple[int, ...]
+) -> web.Response:
+    if shape == "garbage":
+        return web.Response(body=GARBAGE, content_type="application/json")
+
+    return web.json_response(dict(zip(names[shape], values, strict=True)))
+
+
+def _file_headers(fmt: str, encoding: str | None) -> dict[str, str]:
+    headers = {
+        "Content-Type": f"{CONTENT_TYPES[fmt]}; charset=utf-8",
+        "Content-Disposition": f'attachment; filename="journeyhistory.{fmt}"',
+    }
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding
+
+    return headers
+
+
+def _coding(encoding: str) -> str | None:
+    return None if encoding == "identity" else encoding
+
+
+async def _json_object(request: web.Request) -> dict[str, Any] | None:
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        return None
+
+    return body if isinstance(body, dict) else None
