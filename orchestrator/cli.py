@@ -21,13 +21,15 @@ import anyio
 from orchestrator import __version__, sfmc
 from orchestrator.config import (
     build_settings,
-    credentials_from_env,
     load_config,
+    load_credentials,
 )
+from orchestrator.demo import add_commands as add_sandbox_commands
+from orchestrator.download import Estimate
 from orchestrator.errors import ExitCode, JourneyExportError, UsageError
-from orchestrator.export import ExportResult, run_export
+from orchestrator.export import ExportResult, estimate_windows, run_export
 from orchestrator.manifest import ExportPaths, Manifest
-from orchestrator.planner import plan_windows
+from orchestrator.planner import Window, plan_windows
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +45,30 @@ class Interrupted(JourneyExportError):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(
+        _join_relative_times(sys.argv[1:] if argv is None else argv)
+    )
     configure_logging(args.log_level)
     try:
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
     except BaseException as error:
         return _exit_code_for(error)
+
+
+_TIME_FLAGS = frozenset({"--start", "--end"})
+
+
+def _join_relative_times(argv: Sequence[str]) -> list[str]:
+    """Let ``--start -24h`` through: argparse would take ``-24h`` for a flag."""
+    joined: list[str] = []
+    for item in argv:
+        previous = joined[-1] if joined else ""
+        if previous in _TIME_FLAGS and item.startswith("-") and item[1:2].isdigit():
+            joined[-1] = f"{previous}={item}"
+        else:
+            joined.append(item)
+    return joined
 
 
 def _exit_code_for(error: BaseException) -> int:
@@ -116,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="print the windows a run would request")
     _add_request_arguments(plan)
+    plan.add_argument(
+        "--estimate",
+        dest="ask_estimates",
+        action="store_true",
+        help="ask SFMC for each window's estimated rows and bytes (needs credentials)",
+    )
     plan.set_defaults(handler=command_plan)
 
     status = commands.add_parser("status", help="print each window's state")
@@ -126,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     values.add_argument("kind", choices=["column", "status", "activity-type"])
     values.set_defaults(handler=command_values)
 
-    _add_sandbox_commands(commands)
+    add_sandbox_commands(commands)
     return parser
 
 
@@ -154,6 +179,27 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="send statuses and activity types the documented lists lack",
     )
+    add(
+        "--no-estimate",
+        dest="estimate",
+        action="store_false",
+        default=None,
+        help="do not ask for estimates before downloading",
+    )
+    add("--ca-bundle", help="PEM file of CAs to verify TLS with (SSL_CERT_FILE works)")
+    add(
+        "--allow-domain",
+        action="append",
+        help="also send the token to REST URLs on this domain (repeatable)",
+    )
+    add("--safety-cap-mb", type=float, help="split windows above this (default 900)")
+    add("--min-window", help="never split a window below this span (default 1m)")
+    add(
+        "--retained-only",
+        action="store_true",
+        default=None,
+        help="export only what SFMC still retains (30 days) instead of refusing",
+    )
     for flag, name in (
         ("--status", "statuses"),
         ("--activity-type", "activity_types"),
@@ -170,7 +216,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         *("start", "end", "output", "format", "columns", "window", "concurrency"),
         *("compression", "keep_parts", "restart", "allow_unknown_values"),
         *("statuses", "activity_types", "definition_ids", "definition_instance_ids"),
-        *("activity_ids", "contact_keys_file"),
+        *("activity_ids", "contact_keys_file", "estimate", "safety_cap_mb"),
+        *("min_window", "retained_only", "ca_bundle", "allow_domain"),
     )
     return {name: getattr(args, name, None) for name in names}
 
@@ -180,8 +227,9 @@ def _now() -> dt.datetime:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    settings = build_settings(_options(args), load_config(args.config), now=_now())
-    credentials = credentials_from_env(os.environ)
+    config = load_config(args.config)
+    settings = build_settings(_options(args), config, now=_now())
+    credentials = load_credentials(os.environ, config, args.config)
     result = run_interruptible(lambda: run_export(settings, credentials))
     print(summary_line(result))
     return int(ExitCode.OK if result.complete else ExitCode.WINDOWS_FAILED)
@@ -233,17 +281,46 @@ def summary_line(result: ExportResult) -> str:
 
 
 def command_plan(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
     settings = build_settings(
-        {**_options(args), "output": args.output or "-"},
-        load_config(args.config),
-        now=_now(),
+        {**_options(args), "output": args.output or "-"}, config, now=_now()
     )
+    if args.ask_estimates:
+        credentials = load_credentials(os.environ, config, args.config)
+        planned = run_interruptible(lambda: estimate_windows(settings, credentials))
+        print_estimates(planned, settings.cap_bytes)
+        return int(ExitCode.OK)
+
     windows = plan_windows(settings.start, settings.end, settings.window)
     for window in windows:
         minutes = window.span.total_seconds() / 60
         print(f"{window.key}\t{minutes:g} min")
     print(f"{len(windows)} windows")
     return int(ExitCode.OK)
+
+
+def print_estimates(
+    planned: list[tuple[Window, Estimate | None]], cap_bytes: int
+) -> None:
+    """Print each window's estimate and the totals; '?' where none was readable."""
+    print("window\trows\tbytes\tcompressed bytes\tnote")
+    totals = [0, 0, 0]
+    for window, estimate in planned:
+        values = (
+            (estimate.rows, estimate.bytes, estimate.compressed_bytes)
+            if estimate
+            else (None, None, None)
+        )
+        for index, value in enumerate(values):
+            totals[index] += value or 0
+        over = estimate is not None and estimate.size(compressed=True) > cap_bytes
+        note = "over the safety cap: split before download" if over else ""
+        shown = "\t".join("?" if v is None else str(v) for v in values)
+        print(f"{window.key}\t{shown}\t{note}")
+    print(
+        f"{len(planned)} windows, estimated {totals[0]:,} rows, {totals[1]:,} bytes "
+        f"({totals[2]:,} compressed)"
+    )
 
 
 def command_status(args: argparse.Namespace) -> int:
@@ -277,9 +354,3 @@ def command_values(args: argparse.Namespace) -> int:
     }
     print("\n".join(lists[args.kind]))
     return int(ExitCode.OK)
-
-
-def _add_sandbox_commands(commands: Any) -> None:
-    from orchestrator import demo
-
-    demo.add_commands(commands)

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import difflib
 import hashlib
+import logging
 import os
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +26,7 @@ from orchestrator.timeparse import parse_duration, parse_time
 MAX_CONCURRENCY = 64
 COMPRESSIONS = ("gzip", "deflate", "none")
 _T = TypeVar("_T")
+logger = logging.getLogger(__name__)
 
 # The config file's keys by section, each with the type its value must have.
 CONFIG_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -62,8 +64,20 @@ CONFIG_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "http": {
         "connect_timeout_seconds": (int, float),
         "read_timeout_seconds": (int, float),
+        "ca_bundle": str,
+        "allowed_domains": list,
+    },
+    "credentials": {
+        "file": str,
     },
 }
+CREDENTIAL_NAMES = (
+    "SFMC_CLIENT_ID",
+    "SFMC_CLIENT_SECRET",
+    "SFMC_AUTH_URL",
+    "SFMC_ACCOUNT_ID",
+)
+MAX_KEY_LENGTH = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +123,13 @@ class RetrySettings:
 
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
-    """Timeouts in seconds; the read timeout is the longest silence between chunks."""
+    """Timeouts in seconds (the read timeout is the longest silence between chunks),
+    the CA bundle to verify TLS with, and the domains a token may be sent to."""
 
     connect_timeout_seconds: float = 30.0
     read_timeout_seconds: float = 120.0
+    ca_bundle: str | None = None
+    allowed_domains: tuple[str, ...] = ("marketingcloudapis.com",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +155,7 @@ class RunSettings:
     compression: str = "gzip"
     keep_parts: bool = False
     restart: bool = False
+    range_as_given: tuple[str, str] | None = None
     estimate: bool = True
     cap_bytes: int = 900_000_000
     min_window: dt.timedelta = dt.timedelta(minutes=1)
@@ -240,6 +258,63 @@ def check_choices(
     return tuple(checked)
 
 
+def load_credentials(
+    env: Mapping[str, str],
+    config: Mapping[str, Mapping[str, Any]],
+    config_path: Path | None = None,
+) -> Credentials:
+    """Credentials from the environment, completed by ``credentials.file`` if named.
+
+    A config or credentials file that other users can read draws a warning.
+    """
+    if config_path is not None:
+        warn_if_shared(config_path)
+    name = config.get("credentials", {}).get("file")
+    if not name:
+        return credentials_from_env(env)
+
+    path = Path(name).expanduser()
+    warn_if_shared(path)
+    return credentials_from_env({**read_credentials_file(path), **env})
+
+
+def warn_if_shared(path: Path) -> None:
+    """Warn when ``path`` is readable or writable by users other than its owner."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        logger.warning(
+            "%s is open to other users (mode %o); run: chmod 600 %s", path, mode, path
+        )
+
+
+def read_credentials_file(path: Path) -> dict[str, str]:
+    """Read ``NAME=value`` lines (SFMC_CLIENT_ID ...); values are never shown."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise UsageError(f"credentials file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"credentials file {path}: not UTF-8 text") from None
+
+    found: dict[str, str] = {}
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        key, sep, value = text.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        if not sep or key not in CREDENTIAL_NAMES:
+            raise UsageError(
+                f"credentials file {path}, line {number}: expected NAME=value with "
+                f"NAME one of {', '.join(CREDENTIAL_NAMES)}"
+            )
+        found[key] = value.strip().strip("'\"")
+    return found
+
+
 def credentials_from_env(env: Mapping[str, str]) -> Credentials:
     """Read SFMC_CLIENT_ID, SFMC_CLIENT_SECRET, SFMC_AUTH_URL and SFMC_ACCOUNT_ID."""
     missing = [
@@ -276,6 +351,13 @@ def read_contact_keys(path: Path) -> tuple[str, ...]:
         raise UsageError(f"contact keys file {path}: {error.strerror}") from None
 
     keys = tuple(line.strip() for line in text.splitlines() if line.strip())
+    for number, key in enumerate(keys, start=1):
+        if len(key) > MAX_KEY_LENGTH or not key.isprintable():
+            raise UsageError(
+                f"contact keys file {path}: key {number} is longer than "
+                f"{MAX_KEY_LENGTH} characters or holds control characters; "
+                "write one plain key per line"
+            )
     if not keys:
         raise UsageError(f"contact keys file {path}: holds no key")
     return keys
@@ -305,6 +387,7 @@ def build_settings(
         compression=_choice(merged, "compression", "gzip", COMPRESSIONS),
         keep_parts=bool(merged.get("keep_parts", False)),
         restart=bool(merged.get("restart", False)),
+        range_as_given=(str(merged["start"]), str(merged["end"])),
         estimate=bool(merged.get("estimate", True)),
         cap_bytes=_cap_bytes(merged),
         min_window=_build_window(merged.get("min_window", "1m"), name="min_window"),
@@ -313,7 +396,7 @@ def build_settings(
             merged, "history_lag_fallback_seconds", 7200.0
         ),
         retry=_build_dataclass(RetrySettings, config.get("retry", {})),
-        http=_build_dataclass(HttpSettings, config.get("http", {})),
+        http=_build_http(merged, config.get("http", {})),
     )
 
 
@@ -436,6 +519,22 @@ def _choice(
             f"use one of {', '.join(allowed)}"
         )
     return value
+
+
+def _build_http(merged: Mapping[str, Any], table: Mapping[str, Any]) -> HttpSettings:
+    timeouts = {k: v for k, v in table.items() if k.endswith("_seconds")}
+    base = _build_dataclass(HttpSettings, timeouts)
+    bundle = merged.get("ca_bundle") or table.get("ca_bundle")
+    if bundle and not Path(bundle).is_file():
+        raise UsageError(f"CA bundle {bundle}: no such file; give a PEM file of CAs")
+
+    extra = [str(d).lower().strip(".") for d in merged.get("allow_domain") or []]
+    extra += [str(d).lower().strip(".") for d in table.get("allowed_domains", [])]
+    return dataclasses.replace(
+        base,
+        ca_bundle=str(bundle) if bundle else None,
+        allowed_domains=(*base.allowed_domains, *extra),
+    )
 
 
 def _build_dataclass(kind: type[_T], values: Mapping[str, Any]) -> _T:

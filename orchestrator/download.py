@@ -125,6 +125,8 @@ class JourneyHistoryClient:
             return await self._download(window, path)
         except WindowError as error:
             error.window = error.window or window.key
+            error.message = self._redact(error.message)
+            error.args = (error.message,)
             raise
         except aiohttp.ClientPayloadError as error:
             raise RetryableError(f"the body was cut short ({error})") from None
@@ -173,6 +175,13 @@ class JourneyHistoryClient:
         except BaseException:
             writer.discard()
             raise
+
+    def _redact(self, text: str) -> str:
+        """Keep contact keys (personal data) out of error text the server echoed."""
+        for key in self._request.contact_keys:
+            if key in text:
+                text = text.replace(key, "<contact key>")
+        return text
 
     def _boundary(self, window: Window) -> bytes | None:
         if sfmc.TIME_COLUMN not in self._request.columns:

@@ -20,7 +20,7 @@ import anyio
 from orchestrator import sfmc
 from orchestrator.auth import TokenSource
 from orchestrator.config import Credentials, RunSettings
-from orchestrator.download import JourneyHistoryClient
+from orchestrator.download import Estimate, JourneyHistoryClient
 from orchestrator.errors import (
     ManifestError,
     PermanentError,
@@ -40,7 +40,7 @@ from orchestrator.manifest import (
 )
 from orchestrator.merger import Assembler
 from orchestrator.parts import PartInfo, fsync_directory
-from orchestrator.planner import plan_windows
+from orchestrator.planner import Window, plan_windows
 from orchestrator.pool import PoolEvents, WindowPool
 from orchestrator.retry import AdaptiveLimiter, RetryPolicy, Sleep, ThrottleGate
 from orchestrator.timeparse import iso
@@ -111,6 +111,38 @@ async def run_export(
         return job.result(time.monotonic() - started)
 
 
+async def estimate_windows(
+    settings: RunSettings, credentials: Credentials, *, hooks: Hooks = Hooks()
+) -> list[tuple[Window, Estimate | None]]:
+    """Each planned window with its estimate, None where failed or unreadable."""
+    windows = plan_windows(settings.start, settings.end, settings.window)
+    found: dict[Window, Estimate | None] = {}
+    limiter = anyio.CapacityLimiter(settings.concurrency)
+    async with open_session(settings, hooks) as session:
+        client = JourneyHistoryClient(
+            session,
+            TokenSource(
+                session, credentials, allowed_domains=settings.http.allowed_domains
+            ),
+            settings.request,
+        )
+
+        async def estimate(window: Window) -> None:
+            async with limiter:
+                try:
+                    found[window] = await client.estimate(window)
+                except WindowError as error:
+                    logger.warning("window %s: estimate failed: %s", window, error)
+                    found[window] = None
+            if found[window] is None:
+                logger.warning("window %s: no readable estimate", window)
+
+        async with anyio.create_task_group() as group:
+            for window in windows:
+                group.start_soon(estimate, window)
+    return [(window, found[window]) for window in windows]
+
+
 def retention_cutoff(now: dt.datetime) -> dt.datetime:
     """The oldest moment SFMC still keeps history for."""
     return now - dt.timedelta(days=sfmc.RETENTION_DAYS)
@@ -172,6 +204,7 @@ def request_identity(settings: RunSettings) -> dict[str, object]:
         "start": settings.start.isoformat(),
         "end": settings.end.isoformat(),
         "window_seconds": int(settings.window.total_seconds()),
+        "range_as_given": list(settings.range_as_given or ()),
         **settings.request.identity(),
     }
 
@@ -196,6 +229,14 @@ def _check_same_request(
         for key in identity.keys() | manifest.request.keys()
         if identity.get(key) != manifest.request.get(key)
     )
+    if set(differing) <= {"start", "end"} and not manifest.complete:
+        logger.info(
+            "resuming the unfinished export of %s to %s: the same command, whose "
+            "relative times now mean another range",
+            manifest.request["start"],
+            manifest.request["end"],
+        )
+        return
     raise ManifestError(
         f"{paths.output} belongs to an export with a different request "
         f"({', '.join(differing)} differ); rerun with the same options, use another "
@@ -245,7 +286,11 @@ class _Job:
             return
 
         async with open_session(self.settings, self.hooks) as session:
-            tokens = TokenSource(session, self.credentials)
+            tokens = TokenSource(
+                session,
+                self.credentials,
+                allowed_domains=self.settings.http.allowed_domains,
+            )
             self.client = JourneyHistoryClient(
                 session,
                 tokens,
@@ -422,6 +467,16 @@ class _Job:
         )
 
 
+def _tls_context(settings: RunSettings, hooks: Hooks) -> ssl.SSLContext:
+    """Verify certificates always: with the given bundle, else the system's CAs.
+
+    Python's default context honours SSL_CERT_FILE and SSL_CERT_DIR.
+    """
+    if hooks.ssl_context is not None:
+        return hooks.ssl_context
+    return ssl.create_default_context(cafile=settings.http.ca_bundle)
+
+
 @asynccontextmanager
 async def open_session(
     settings: RunSettings, hooks: Hooks
@@ -433,8 +488,7 @@ async def open_session(
         sock_read=settings.http.read_timeout_seconds,
     )
     connector = aiohttp.TCPConnector(
-        limit=settings.concurrency + 2,
-        ssl=hooks.ssl_context if hooks.ssl_context is not None else True,
+        limit=settings.concurrency + 2, ssl=_tls_context(settings, hooks)
     )
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, auto_decompress=False

@@ -35,7 +35,11 @@ def run_settings(
     **options: Any,
 ) -> RunSettings:
     return RunSettings(
-        start=start, end=end, output=output, request=request or ExportRequest(), **options
+        start=start,
+        end=end,
+        output=output,
+        request=request or ExportRequest(),
+        **options,
     )
 
 
@@ -67,7 +71,11 @@ def find_range_with_empty_hour(history: History, hours: int = 5) -> dt.datetime:
     for back in range(hours + 2, 24 * 20):
         start = now - back * HOUR
         counts = [
-            len(history.expected(to_millis(start + i * HOUR), to_millis(start + (i + 1) * HOUR)))
+            len(
+                history.expected(
+                    to_millis(start + i * HOUR), to_millis(start + (i + 1) * HOUR)
+                )
+            )
             for i in range(hours)
         ]
         if 0 in counts[1:-1] and max(counts) > 0:

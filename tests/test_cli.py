@@ -84,7 +84,14 @@ def journey_export(
 def range_args(hours: int, output: Path, end: dt.datetime | None = None) -> list[str]:
     end = end or hour_now() - 2 * HOUR
     start = end - hours * HOUR
-    return ["--start", start.isoformat(), "--end", end.isoformat(), "--output", str(output)]
+    return [
+        "--start",
+        start.isoformat(),
+        "--end",
+        end.isoformat(),
+        "--output",
+        str(output),
+    ]
 
 
 def test_time_without_offset_exits_2_with_one_line(tmp_path: Path) -> None:

@@ -91,7 +91,7 @@ def test_concurrency_bounds() -> None:
 
 def test_config_unknown_key_names_file_key_and_allowed(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('[export]\nconcurency = 5\n')
+    path.write_text("[export]\nconcurency = 5\n")
 
     with pytest.raises(UsageError) as caught:
         load_config(path)
@@ -106,7 +106,7 @@ def test_config_wrong_type_is_named(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[export]\nconcurrency = "five"\n')
 
-    with pytest.raises(UsageError, match="export.concurrency must be an integer"):
+    with pytest.raises(UsageError, match=r"export\.concurrency must be an integer"):
         load_config(path)
 
 

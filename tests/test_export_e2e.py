@@ -6,6 +6,7 @@ import datetime as dt
 import itertools
 import stat
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -38,7 +39,11 @@ SWITCHES = list(
 
 @pytest.mark.parametrize(("end_inclusive", "empty_window", "newline", "bom"), SWITCHES)
 async def test_output_equals_ground_truth_for_every_server_behaviour(
-    tmp_path: Path, end_inclusive: bool, empty_window: str, newline: str, bom: bool
+    tmp_path: Path,
+    end_inclusive: bool,
+    empty_window: Literal["header", "empty", "204"],
+    newline: Literal["lf", "crlf"],
+    bom: bool,
 ) -> None:
     settings = SandboxSettings(
         rows_per_hour=40,
@@ -65,8 +70,12 @@ async def test_output_equals_ground_truth_for_every_server_behaviour(
     assert not ExportPaths(output).parts.exists()
 
 
-async def test_boundary_rows_are_kept_once_with_an_inclusive_end(tmp_path: Path) -> None:
-    async with SandboxServer(SandboxSettings(rows_per_hour=30, end_inclusive=True)) as sandbox:
+async def test_boundary_rows_are_kept_once_with_an_inclusive_end(
+    tmp_path: Path,
+) -> None:
+    async with SandboxServer(
+        SandboxSettings(rows_per_hour=30, end_inclusive=True)
+    ) as sandbox:
         start = find_range_with_empty_hour(sandbox.history)
         end = start + 5 * HOUR
         output = tmp_path / "out.csv"
@@ -187,12 +196,13 @@ async def test_a_held_lock_stops_a_second_run(tmp_path: Path) -> None:
     output = tmp_path / "out.csv"
     async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
         start = find_range_with_empty_hour(sandbox.history)
-        with OutputLock(ExportPaths(output).lock):
-            with pytest.raises(LockHeldError, match="another run"):
-                await run_export(
-                    run_settings(output, start, start + HOUR),
-                    credentials_for(sandbox),
-                )
+        with (
+            OutputLock(ExportPaths(output).lock),
+            pytest.raises(LockHeldError, match="another run"),
+        ):
+            await run_export(
+                run_settings(output, start, start + HOUR), credentials_for(sandbox)
+            )
 
 
 async def test_rejected_credentials_end_the_run(tmp_path: Path) -> None:

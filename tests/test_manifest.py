@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ManifestError
-from orchestrator.manifest import DONE, MERGED, PENDING, ExportPaths, Manifest, WindowRecord
+from orchestrator.manifest import (
+    DONE,
+    MERGED,
+    PENDING,
+    ExportPaths,
+    Manifest,
+    WindowRecord,
+)
 from orchestrator.merger import Assembler
 from orchestrator.parts import PartWriter
 from orchestrator.planner import Window, plan_windows
@@ -18,8 +25,12 @@ START = dt.datetime(2026, 11, 3, tzinfo=dt.UTC)
 
 def new_manifest(tmp_path: Path, hours: int = 3) -> tuple[Manifest, ExportPaths]:
     paths = ExportPaths(tmp_path / "out.csv")
-    windows = plan_windows(START, START + dt.timedelta(hours=hours), dt.timedelta(hours=1))
-    manifest = Manifest(paths.manifest, {"format": "csv"}, [WindowRecord(w) for w in windows])
+    windows = plan_windows(
+        START, START + dt.timedelta(hours=hours), dt.timedelta(hours=1)
+    )
+    manifest = Manifest(
+        paths.manifest, {"format": "csv"}, [WindowRecord(w) for w in windows]
+    )
     manifest.save()
     return manifest, paths
 
@@ -42,7 +53,7 @@ def test_truncated_manifest_is_detected_with_a_way_out(tmp_path: Path) -> None:
     data = paths.manifest.read_bytes()
     paths.manifest.write_bytes(data[: len(data) // 2])
 
-    with pytest.raises(ManifestError, match="damaged.*--restart"):
+    with pytest.raises(ManifestError, match=r"damaged.*--restart"):
         Manifest.load(paths.manifest)
 
 
@@ -141,7 +152,9 @@ def test_reconcile_reassembles_when_the_partial_lost_bytes(tmp_path: Path) -> No
     paths.partial.write_bytes(b"A,")
 
     reloaded = Manifest.load(paths.manifest)
-    again = Assembler(reloaded, paths, header=["A", "B"], delimiter=",", keep_parts=True)
+    again = Assembler(
+        reloaded, paths, header=["A", "B"], delimiter=",", keep_parts=True
+    )
     again.reconcile()
     assemble(again)
 

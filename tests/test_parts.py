@@ -55,7 +55,11 @@ def test_missing_final_newline_is_added_in_the_body_style(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b"TransactionTime,ContactKey,Message", b"TransactionTime,ContactKey,Message\n"],
+    [
+        b"",
+        b"TransactionTime,ContactKey,Message",
+        b"TransactionTime,ContactKey,Message\n",
+    ],
 )
 def test_empty_windows_give_an_empty_part(tmp_path: Path, body: bytes) -> None:
     data, rows = write(tmp_path / "p", [body])

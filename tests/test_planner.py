@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 
 from orchestrator.planner import Window, plan_windows
 
@@ -33,7 +34,7 @@ def test_windows_are_contiguous_and_cover_the_range() -> None:
 
     assert windows[0].start == start
     assert windows[-1].end == end
-    assert all(a.end == b.start for a, b in zip(windows, windows[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(windows))
     assert all(w.span <= dt.timedelta(minutes=15) for w in windows)
 
 

@@ -6,7 +6,12 @@ import pytest
 
 from orchestrator.config import RetrySettings
 from orchestrator.errors import PermanentError, RetryableError, ThrottledError
-from orchestrator.retry import AdaptiveLimiter, RetryPolicy, ThrottleGate, backoff_seconds
+from orchestrator.retry import (
+    AdaptiveLimiter,
+    RetryPolicy,
+    ThrottleGate,
+    backoff_seconds,
+)
 
 SETTINGS = RetrySettings(
     max_attempts=4,

@@ -24,7 +24,9 @@ from orchestrator.sandbox.history import (
 
 NOW = 1_708_084_800_000  # 2024-02-16T12:00:00.000Z
 DAY_START = NOW - DAY_MS  # 2024-02-15T12:00:00.000Z
-GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+GUID = re.compile(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+)
 INDEX = {name: index for index, name in enumerate(sfmc.COLUMNS)}
 
 
@@ -114,7 +116,7 @@ def test_a_row_holds_25_consistent_fields(history: History) -> None:
         assert GUID.match(field(row, "Id"))
         assert GUID.match(field(row, "EventId"))
         assert field(row, "Status") in sfmc.STATUSES
-        assert field(row, "ActivityType") in sfmc.ACTIVITY_TYPES + ("trigger",)
+        assert field(row, "ActivityType") in (*sfmc.ACTIVITY_TYPES, "trigger")
         assert field(row, "StartDate") <= field(row, "TransactionTime")
         assert field(row, "CreatedDate") < field(row, "StartDate")
 
@@ -134,7 +136,9 @@ def test_values_include_the_awkward_cases(history: History) -> None:
     rows = day_rows(history)
     keys = [field(row, "ContactKey") for row in rows]
     messages = [field(row, "Message") for row in rows]
-    results = [field(row, "Result.Messages") for row in rows if field(row, "Result.Messages")]
+    results = [
+        field(row, "Result.Messages") for row in rows if field(row, "Result.Messages")
+    ]
     statuses = Counter(field(row, "Status") for row in rows)
 
     assert any("," in key for key in keys)
@@ -163,7 +167,9 @@ def test_status_filter_ignores_case(history: History) -> None:
 
     assert failed
     assert failed == history.rows(DAY_START, NOW, filters={"statuses": ["Failed"]})
-    assert failed == [row for row in day_rows(history) if field(row, "Status") == "Failed"]
+    assert failed == [
+        row for row in day_rows(history) if field(row, "Status") == "Failed"
+    ]
 
 
 @pytest.mark.parametrize("key", sorted(FILTER_COLUMNS))
@@ -179,13 +185,18 @@ def test_each_filter_keeps_only_matching_rows(history: History, key: str) -> Non
 def test_filters_combine_and_empty_lists_mean_no_filter(history: History) -> None:
     rows = day_rows(history)
     definition = field(rows[0], "DefinitionId")
-    filters = {"definitionIds": [definition], "statuses": ["Complete"], "contactKeys": []}
+    filters = {
+        "definitionIds": [definition],
+        "statuses": ["Complete"],
+        "contactKeys": [],
+    }
     kept = history.rows(DAY_START, NOW, filters=filters)
 
     assert kept == [
         row
         for row in rows
-        if field(row, "DefinitionId") == definition and field(row, "Status") == "Complete"
+        if field(row, "DefinitionId") == definition
+        and field(row, "Status") == "Complete"
     ]
     assert history.rows(DAY_START, NOW, filters={"statuses": []}) == rows
 
@@ -198,7 +209,9 @@ def test_filter_keys_match_the_request_body_names() -> None:
 
 def test_an_inclusive_end_adds_the_rows_at_the_end(history: History) -> None:
     hour = next(h for h in range(DAY_START, NOW, HOUR_MS) if history.hour(h + HOUR_MS))
-    at_end = [row for row in history.hour(hour + HOUR_MS) if moment(row) == hour + HOUR_MS]
+    at_end = [
+        row for row in history.hour(hour + HOUR_MS) if moment(row) == hour + HOUR_MS
+    ]
     exclusive = history.rows(hour, hour + HOUR_MS)
     inclusive = history.rows(hour, hour + HOUR_MS, end_inclusive=True)
 
@@ -228,7 +241,11 @@ def test_render_quotes_only_what_must_be_quoted() -> None:
     tsv_body = render([row], columns, "tsv", newline="\r\n", bom=True)
 
     assert csv_body == b'ContactKey,Message,Status,Id\n"Doe, ""J""","a\r\nb",,x\ty\n'
-    assert tsv_body == BOM + b'ContactKey\tMessage\tStatus\tId\r\n"Doe, ""J"""\t"a\r\nb"\t\t"x\ty"\r\n'
+    assert (
+        tsv_body
+        == BOM
+        + b'ContactKey\tMessage\tStatus\tId\r\n"Doe, ""J"""\t"a\r\nb"\t\t"x\ty"\r\n'
+    )
 
 
 def test_a_lone_empty_field_is_not_a_blank_line(history: History) -> None:
@@ -252,7 +269,10 @@ def test_render_puts_the_bom_first_and_can_skip_the_header(history: History) -> 
     rows = day_rows(history)[:3]
     body = render(rows, ["TransactionTime"], "csv", bom=True, header=False)
 
-    assert body == BOM + "".join(field(row, "TransactionTime") + "\n" for row in rows).encode()
+    assert (
+        body
+        == BOM + "".join(field(row, "TransactionTime") + "\n" for row in rows).encode()
+    )
 
 
 def test_render_refuses_unknown_columns_and_formats(history: History) -> None:
@@ -270,7 +290,13 @@ def test_window_bytes_equal_rendered_rows(history: History, inclusive: bool) -> 
     columns = ["Status", "TransactionTime", "Result.Messages"]
     rows = history.rows(start, end, filters=filters, end_inclusive=inclusive)
     window = history.window(
-        start, end, columns, "tsv", filters=filters, end_inclusive=inclusive, newline="\r\n"
+        start,
+        end,
+        columns,
+        "tsv",
+        filters=filters,
+        end_inclusive=inclusive,
+        newline="\r\n",
     )
 
     assert window.row_count == len(rows)

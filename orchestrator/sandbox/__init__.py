@@ -1,4 +1,4 @@
-"""The built-in sandbox: a deterministic local stand-in for the SFMC journey history API.
+"""The built-in sandbox: a deterministic local stand-in for the journey history API.
 
 Run it in-process with `async with SandboxServer(settings) as sandbox:`, or until
 cancelled with `serve(settings, port=N)` (what `journey-export sandbox` does).

@@ -42,7 +42,7 @@ STATS_PATH = "sandbox/stats"
 SCOPE = "journeys_read list_and_subscribers_read"
 CONTENT_TYPES = {"csv": "text/csv", "tsv": "text/tab-separated-values"}
 GARBAGE = b"<html><body>Service temporarily unavailable</body></html>"
-RESET = "sandbox.reset"
+RESET = web.RequestKey("sandbox.reset", bool)
 ENCODED_CACHE_BYTES = 128 * 2**20
 
 

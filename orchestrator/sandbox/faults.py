@@ -214,6 +214,18 @@ def parse_faults(
         except ValueError as error:
             raise ValueError(f"bad fault {item!r}: {error}") from None
 
+    try:
+        return _with_items(settings, rates, rules, numbers)
+    except ValueError as error:
+        raise ValueError(f"bad faults: {error}") from None
+
+
+def _with_items(
+    settings: FaultSettings,
+    rates: dict[str, float],
+    rules: list[FaultRule],
+    numbers: dict[str, float],
+) -> FaultSettings:
     return replace(
         settings,
         rates=rates,
@@ -248,7 +260,11 @@ def _parse_item(
         return
 
     _check_kind(name)
-    rates[name] = float(value)
+    rate = float(value)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate {rate} is outside 0.0-1.0")
+
+    rates[name] = rate
 
 
 def _parse_rule(item: str) -> FaultRule:

@@ -22,6 +22,12 @@ TRUE_WORDS = frozenset(("1", "true", "yes", "on"))
 FALSE_WORDS = frozenset(("0", "false", "no", "off"))
 NONE_WORDS = frozenset(("", "none", "off", "null"))
 NEWLINES = {"lf": "\n", "crlf": "\r\n"}
+KIND_NAMES: dict[object, str] = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "text",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +139,8 @@ def _convert(name: str, hint: object, value: object) -> object:
     try:
         return _scalar(hint, value)
     except (TypeError, ValueError):
-        kind = getattr(hint, "__name__", str(hint))
-        raise ValueError(_bad(name, value, f"a {kind}")) from None
+        expected = KIND_NAMES.get(hint, str(hint))
+        raise ValueError(_bad(name, value, expected)) from None
 
 
 def _scalar(hint: object, value: object) -> object:
