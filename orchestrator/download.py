@@ -11,6 +11,7 @@ import datetime as dt
 import email.utils
 import json
 import logging
+import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Mapping
@@ -41,6 +42,8 @@ CHUNK_BYTES = 256 * 1024
 MAX_ERROR_BODY = 64 * 1024
 MAX_RETRY_AFTER = 3600.0
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# How a refusal for size may read; SFMC's real wording is not documented.
+_TOO_LARGE = re.compile(r"too large|file size|exceeds|size limit|\b1 ?GB\b", re.I)
 
 
 class BodyDecoder:
@@ -336,7 +339,7 @@ async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
         )
     if status in RETRYABLE_STATUSES:
         raise RetryableError(described, status=status, errorcode=code)
-    if status == 413:
+    if status == 413 or (status == 400 and _TOO_LARGE.search(message)):
         raise TooLargeError(described, status=status, errorcode=code)
     raise PermanentError(described, status=status, errorcode=code)
 

@@ -269,7 +269,7 @@ class _Job:
         self.assembler = assembler
         self.manifest = assembler.manifest
         self.hooks = hooks
-        self.gate = ThrottleGate()
+        self.gate = ThrottleGate(sleep=hooks.sleep)
         self.limiter = AdaptiveLimiter(settings.concurrency)
         self.policy = RetryPolicy(settings.retry, sleep=hooks.sleep)
         self.assembling = anyio.Lock()
@@ -284,6 +284,7 @@ class _Job:
     async def download_missing(self) -> None:
         if not self.todo():
             return
+        self.paths.parts.mkdir(parents=True, exist_ok=True)
 
         async with open_session(self.settings, self.hooks) as session:
             tokens = TokenSource(

@@ -191,10 +191,14 @@ class Manifest:
         raise KeyError(window.key)
 
     def split(self, record: WindowRecord) -> tuple[WindowRecord, WindowRecord]:
-        """Replace a window by its two halves, both pending."""
+        """Replace a window by its two halves, both pending, the later half first.
+
+        SFMC sends a window's rows newest first, so merging the later half first
+        gives the output the unsplit window would have given.
+        """
         first, second = (WindowRecord(half) for half in record.window.halves())
         index = self.windows.index(record)
-        self.windows[index : index + 1] = [first, second]
+        self.windows[index : index + 1] = [second, first]
         return first, second
 
     def counts(self) -> Counter[str]:

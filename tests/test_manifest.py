@@ -67,11 +67,11 @@ def test_edited_manifest_fails_its_checksum(tmp_path: Path) -> None:
         Manifest.load(paths.manifest)
 
 
-def test_split_replaces_a_window_by_its_halves(tmp_path: Path) -> None:
+def test_split_replaces_a_window_by_its_halves_later_first(tmp_path: Path) -> None:
     manifest, _ = new_manifest(tmp_path)
     first, second = manifest.split(manifest.windows[1])
 
-    assert [r.window for r in manifest.windows][1:3] == [first.window, second.window]
+    assert [r.window for r in manifest.windows][1:3] == [second.window, first.window]
     assert first.window.end == START + dt.timedelta(hours=1, minutes=30)
 
 

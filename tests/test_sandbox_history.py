@@ -116,7 +116,7 @@ def test_a_row_holds_25_consistent_fields(history: History) -> None:
         assert GUID.match(field(row, "Id"))
         assert GUID.match(field(row, "EventId"))
         assert field(row, "Status") in sfmc.STATUSES
-        assert field(row, "ActivityType") in (*sfmc.ACTIVITY_TYPES, "trigger")
+        assert field(row, "ActivityType") in sfmc.ACTIVITY_TYPES
         assert field(row, "StartDate") <= field(row, "TransactionTime")
         assert field(row, "CreatedDate") < field(row, "StartDate")
 

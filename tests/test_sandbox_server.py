@@ -163,6 +163,7 @@ async def test_token_answers_like_sfmc(start: Start) -> None:
         ({**TOKEN_BODY, "client_secret": "wrong"}, 401, "invalid_client"),
         ({**TOKEN_BODY, "client_id": "other"}, 401, "invalid_client"),
         (["not", "an", "object"], 400, "invalid_request"),
+        ({**TOKEN_BODY, "account_id": "BU-1"}, 400, "invalid_request"),
     ],
 )
 async def test_token_refuses_bad_requests(
@@ -174,6 +175,15 @@ async def test_token_refuses_bad_requests(
     assert refused.status == status
     assert refused.json()["error"] == error
     assert refused.json()["error_description"]
+
+
+async def test_token_accepts_an_account_id_and_echoes_a_scope(start: Start) -> None:
+    _, api = await start()
+    body = {**TOKEN_BODY, "account_id": 5100042, "scope": "journeys_read"}
+    granted = await api.post_token(body)
+
+    assert granted.status == 200
+    assert granted.json()["scope"] == "journeys_read"
 
 
 async def test_download_serves_the_expected_bytes(start: Start) -> None:
@@ -296,7 +306,11 @@ async def test_an_inclusive_end_adds_rows_at_the_end_but_not_to_the_truth(
 ) -> None:
     sandbox, api = await start(end_inclusive="true")
     history = sandbox.history
-    at_end = [row for row in history.hour(NEXT) if row[20] == sfmc.format_time(NEXT)]
+    at_end = [
+        row
+        for row in history.hour(NEXT)
+        if row[sfmc.COLUMNS.index("TransactionTime")] == sfmc.format_time(NEXT)
+    ]
     got = await api.download(query={"columns": "TransactionTime"})
     truth = await api.download(
         query={"columns": "TransactionTime"}, path="sandbox/truth"
@@ -686,6 +700,15 @@ async def test_truth_needs_no_token_and_matches_expected_bytes(start: Start) -> 
     assert truth.status == 200
     expected = sandbox.expected_bytes(HOUR, NEXT + HOUR_MS, sfmc.DEFAULT_COLUMNS, "tsv")
     assert truth.body == expected
+    query = {"newline": "crlf", "columns": "Id"}
+    async with api.session.post(url, params=query, json=document) as r:
+        crlf = await answer(r)
+
+    ids = [
+        row[sfmc.COLUMNS.index("Id")]
+        for row in sandbox.history.expected(HOUR, NEXT + HOUR_MS)
+    ]
+    assert crlf.body == "".join(f"{value}\r\n" for value in ["Id", *ids]).encode()
 
 
 async def test_stats_count_requests_answers_and_windows(start: Start) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -24,14 +23,16 @@ from orchestrator.sandbox.faults import (
 )
 from orchestrator.sandbox.history import History, Window, filter_key
 from orchestrator.sandbox.query import (
+    BAD_FORMAT,
     NO_DIRECT_PIPE,
     TOO_LARGE,
     BadRequest,
     DownloadQuery,
     read_query,
 )
-from orchestrator.sandbox.settings import SandboxSettings
+from orchestrator.sandbox.settings import NEWLINES, SandboxSettings
 from orchestrator.sandbox.stats import NO_ANSWER, SandboxStats, window_key
+from orchestrator.sandbox.tokens import TokenStore, check_grant
 
 logger = logging.getLogger(__name__)
 
@@ -63,27 +64,33 @@ class SandboxApp:
         self.settings = settings
         self.stats = SandboxStats()
         self.base_url = "http://127.0.0.1/"
-        self.history = History(settings.seed, settings.rows_per_hour, now_ms=now_ms)
         self._now_ms = now_ms
-        self._clock = clock
-        self._tokens: dict[str, float] = {}
+        self.history = self._history(settings)
+        self._tokens = TokenStore(clock)
         self._injector = FaultInjector(settings.faults)
         self._encoded: Lru[bytes] = Lru(ENCODED_CACHE_BYTES, len)
 
     def apply(self, settings: SandboxSettings) -> None:
         """Switch to new settings; a new seed or volume means a new history."""
         old, self.settings = self.settings, settings
-        if (old.seed, old.rows_per_hour) != (settings.seed, settings.rows_per_hour):
-            now = self._now_ms
-            self.history = History(settings.seed, settings.rows_per_hour, now_ms=now)
+        if _volume(old) != _volume(settings):
+            self.history = self._history(settings)
             self._encoded.clear()
 
         if old.faults != settings.faults:
             self._injector = FaultInjector(settings.faults)
 
+    def _history(self, settings: SandboxSettings) -> History:
+        return History(
+            settings.seed,
+            settings.rows_per_hour,
+            now_ms=self._now_ms,
+            cache_bytes=settings.cache_megabytes * 2**20,
+        )
+
     def revoke_tokens(self) -> None:
         """Invalidate every token handed out so far."""
-        self._tokens.clear()
+        self._tokens.revoke_all()
 
     def build(self) -> web.Application:
         """The aiohttp application serving the sandbox."""
@@ -105,27 +112,21 @@ class SandboxApp:
             return _answer(fault_answer("token_error"))
 
         body = await _json_object(request)
-        if body is None:
-            return _oauth_error(
-                400, "invalid_request", "The body must be a JSON object."
-            )
-
-        refusal = self._token_refusal(body)
+        settings = self.settings
+        refusal = check_grant(
+            body, client_id=settings.client_id, client_secret=settings.client_secret
+        )
         if refusal is not None:
-            return refusal
+            return web.json_response(refusal.document(), status=refusal.status)
 
-        self._tokens = {
-            key: end for key, end in self._tokens.items() if end > self._clock()
-        }
-        token = secrets.token_urlsafe(32)
-        lifetime = self.settings.token_lifetime_seconds
-        self._tokens[token] = self._clock() + lifetime
+        lifetime = settings.token_lifetime_seconds
+        token = self._tokens.issue(lifetime)
         return web.json_response(
             {
                 "access_token": token,
                 "token_type": "Bearer",
                 "expires_in": lifetime,
-                "scope": body.get("scope") or SCOPE,
+                "scope": (body or {}).get("scope") or SCOPE,
                 "rest_instance_url": self.base_url,
                 "soap_instance_url": self.base_url + "soap/",
             }
@@ -184,9 +185,18 @@ class SandboxApp:
         return _shaped(self.settings.freshness_shape, names, lag)
 
     async def truth(self, request: web.Request) -> web.StreamResponse:
-        """POST sandbox/truth: the bytes an exporter must end with for [start, end)."""
+        """POST sandbox/truth: the bytes an exporter must end with for [start, end).
+
+        The optional query parameter `newline` (lf or crlf) overrides the setting.
+        """
         query = await read_query(request)
-        window = await self._window(query, truth=True)
+        newline = request.query.get("newline", self.settings.newline)
+        if newline not in NEWLINES:
+            raise BadRequest(
+                BAD_FORMAT, f"Unknown newline {newline!r}; use lf or crlf."
+            )
+
+        window = await self._window(query, truth=True, newline=NEWLINES[newline])
         return web.Response(body=window.body, headers=_file_headers(query.fmt, None))
 
     async def stats_view(self, request: web.Request) -> web.StreamResponse:
@@ -260,7 +270,7 @@ class SandboxApp:
             return body
 
         raw = self.settings.deflate_raw
-        key = (self._window_key(query), len(body), encoding, raw)
+        key = (self._window_key(query), encoding, raw)
         cached = self._encoded.get(key)
         if cached is None:
             cached = await asyncio.to_thread(
@@ -278,7 +288,9 @@ class SandboxApp:
         choices = (self.settings.newline, self.settings.bom, self.settings.empty_window)
         return (*bounds, query.columns, query.fmt, filter_key(query.filters), *choices)
 
-    async def _window(self, query: DownloadQuery, *, truth: bool = False) -> Window:
+    async def _window(
+        self, query: DownloadQuery, *, truth: bool = False, newline: str | None = None
+    ) -> Window:
         return await asyncio.to_thread(
             self.history.window,
             query.start_ms,
@@ -287,7 +299,7 @@ class SandboxApp:
             query.fmt,
             filters=query.filters,
             end_inclusive=self.settings.end_inclusive and not truth,
-            newline=self.settings.line_ending,
+            newline=newline or self.settings.line_ending,
             bom=self.settings.bom and not truth,
         )
 
@@ -306,34 +318,7 @@ class SandboxApp:
             await asyncio.sleep(delay)
 
     def _token(self, request: web.Request) -> str | None:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        expiry = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
-        if expiry is None or self._clock() >= expiry:
-            return None
-
-        return token.strip()
-
-    def _token_refusal(self, body: dict[str, Any] | None) -> web.Response | None:
-        if body is None:
-            return _oauth_error(
-                400, "invalid_request", "The body must be a JSON object."
-            )
-
-        if body.get("grant_type") != "client_credentials":
-            text = "Use grant_type client_credentials."
-            return _oauth_error(400, "unsupported_grant_type", text)
-
-        same_id = secrets.compare_digest(
-            str(body.get("client_id", "")), self.settings.client_id
-        )
-        same_secret = secrets.compare_digest(
-            str(body.get("client_secret", "")), self.settings.client_secret
-        )
-        if not (same_id and same_secret):
-            text = "Client authentication failed."
-            return _oauth_error(401, "invalid_client", text)
-
-        return None
+        return self._tokens.bearer(request.headers.get("Authorization", ""))
 
     def _call_refusal(self, request: web.Request) -> web.Response | None:
         token = self._token(request)
@@ -345,12 +330,12 @@ class SandboxApp:
             return None
 
         self.stats.faults[fault] += 1
-        logger.debug("injecting %s into %s", fault, request.path)
+        logger.info("injecting %s into %s", fault, request.path)
         return self._fault_answer(fault, token)
 
     def _fault_answer(self, fault: str | None, token: str) -> web.Response:
         if fault == "token_revoked":
-            self._tokens.pop(token, None)
+            self._tokens.revoke(token)
 
         retry_after = self.settings.faults.retry_after_seconds
         return _answer(fault_answer(str(fault), retry_after=retry_after))
@@ -358,7 +343,7 @@ class SandboxApp:
     def _note_fault(self, fault: str, query: DownloadQuery, attempt: int) -> None:
         self.stats.faults[fault] += 1
         key = window_key(query.start_ms, query.end_ms)
-        logger.debug("injecting %s into attempt %d of window %s", fault, attempt, key)
+        logger.info("injecting %s into attempt %d of window %s", fault, attempt, key)
 
     @web.middleware
     async def _middleware(
@@ -377,15 +362,14 @@ class SandboxApp:
             self.stats.answers[response.status] += 1
 
 
+def _volume(settings: SandboxSettings) -> tuple[int, int, int]:
+    return settings.seed, settings.rows_per_hour, settings.cache_megabytes
+
+
 def _answer(error: ErrorAnswer) -> web.Response:
     response = web.Response(status=error.status, body=error.body, headers=error.headers)
     response.content_type = error.content_type
     return response
-
-
-def _oauth_error(status: int, error: str, description: str) -> web.Response:
-    document = {"error": error, "error_description": description}
-    return web.json_response(document, status=status)
 
 
 def _shaped(

@@ -8,37 +8,39 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import logging
-import operator
-import random
-import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from orchestrator import sfmc
 from orchestrator.sandbox.cache import Lru
-from orchestrator.sandbox.catalogue import (
-    CLIENT_STATUSES,
-    TAGS,
-    Catalogue,
-    build_catalogue,
-    guid,
+from orchestrator.sandbox.catalogue import Catalogue, build_catalogue
+from orchestrator.sandbox.drawing import DAY_MS, HOUR_MS, Row, draw_hour
+from orchestrator.sandbox.render import (
+    BOM,
+    COLUMN_INDEX,
+    encode_rows,
+    render,
+    render_header,
 )
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "BOM",
+    "DAY_MS",
+    "FILTER_COLUMNS",
+    "HOUR_MS",
+    "History",
+    "Row",
+    "Window",
+    "filter_key",
+    "hour_floor",
+    "render",
+]
 
-Row = tuple[str, ...]
 Filters = Mapping[str, Sequence[str]]
 FilterKey = tuple[tuple[str, frozenset[str]], ...]
-Search = Callable[[str], re.Match[str] | None]
+Check = tuple[int, frozenset[str], bool]
 
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
-BOM = b"\xef\xbb\xbf"
-EMPTY_SHARE = 0.07
-QUIET_HOURS = frozenset(range(6))
-BUSY_HOURS = frozenset((9, 10, 11, 14, 15, 16))
 FILTER_COLUMNS = {
     "statuses": "Status",
     "activityTypes": "ActivityType",
@@ -47,17 +49,6 @@ FILTER_COLUMNS = {
     "activityIds": "ActivityId",
     "contactKeys": "ContactKey",
 }
-COLUMN_INDEX = {name: index for index, name in enumerate(sfmc.COLUMNS)}
-TIME_INDEX = COLUMN_INDEX[sfmc.TIME_COLUMN]
-DELIMITERS = {"csv": ",", "tsv": "\t"}
-OPEN_STATUSES = frozenset(("Active", "Waiting", "WaitingForAsync"))
-MAIN_STATUSES = {"Complete": 80, "Active": 40, "Waiting": 30, "Failed": 20}
-STATUS_TABLE = tuple(
-    [name for name, weight in MAIN_STATUSES.items() for _ in range(weight)]
-    + [name for name in sfmc.STATUSES if name not in MAIN_STATUSES]
-)
-in_columns_order = operator.itemgetter(*sfmc.COLUMNS)
-_BREAKS_OR_QUOTES = re.compile('["\r\n]').search
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +194,9 @@ class History:
     def _hour(self, hour_ms: int) -> _Hour:
         cached = self._hours.get(hour_ms)
         if cached is None:
-            cached = _draw_hour(self._catalogue, self.seed, hour_ms, self.rows_per_hour)
+            drawn = draw_hour(self._catalogue, self.seed, hour_ms, self.rows_per_hour)
+            times, rows = drawn
+            cached = _Hour([-moment for moment in times], rows)
             self._hours.put(hour_ms, cached)
 
         return cached
@@ -255,64 +248,6 @@ class History:
         return rendered
 
 
-def render(
-    rows: Sequence[Row],
-    columns: Sequence[str],
-    fmt: str,
-    *,
-    newline: str = "\n",
-    bom: bool = False,
-    header: bool = True,
-) -> bytes:
-    """Render rows as the download file: minimal quoting, `"` doubled, UTF-8.
-
-    Raises ValueError for an unknown column or format.
-    """
-    parts = [BOM] if bom else []
-    if header:
-        parts.append(render_header(columns, fmt, newline=newline))
-
-    parts.extend(encode_rows(rows, columns, fmt, newline=newline))
-    return b"".join(parts)
-
-
-def render_header(columns: Sequence[str], fmt: str, *, newline: str = "\n") -> bytes:
-    """The header line: the requested column names in the requested order."""
-    _column_indexes(columns)
-    delimiter = _delimiter(fmt)
-    return (_line(columns, delimiter, _quoting(delimiter)) + newline).encode()
-
-
-def encode_rows(
-    rows: Sequence[Row], columns: Sequence[str], fmt: str, *, newline: str = "\n"
-) -> list[bytes]:
-    """Each row rendered as one UTF-8 line, in order.
-
-    A field is quoted when it holds the delimiter, a quote, CR or LF; a lone empty
-    field is written `""` so that the line is not blank.
-    """
-    pick = _picker(_column_indexes(columns))
-    delimiter = _delimiter(fmt)
-    special = _quoting(delimiter)
-    return [(_line(pick(row), delimiter, special) + newline).encode() for row in rows]
-
-
-def _line(fields: Sequence[str], delimiter: str, special: Search) -> str:
-    line = delimiter.join(fields)
-    if line.count(delimiter) != len(fields) - 1 or _BREAKS_OR_QUOTES(line):
-        return delimiter.join([_quote(f) if special(f) else f for f in fields])
-
-    return line or '""'
-
-
-def _quoting(delimiter: str) -> Search:
-    return re.compile(f'[{re.escape(delimiter)}"\r\n]').search
-
-
-def _quote(field: str) -> str:
-    return '"' + field.replace('"', '""') + '"'
-
-
 def filter_key(filters: Filters | None) -> FilterKey:
     """Normalise filters to a hashable key: no empty lists, statuses case-folded.
 
@@ -333,37 +268,14 @@ def filter_key(filters: Filters | None) -> FilterKey:
     return tuple(normalised)
 
 
-def _delimiter(fmt: str) -> str:
-    if fmt not in DELIMITERS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of csv, tsv")
-
-    return DELIMITERS[fmt]
-
-
-def _column_indexes(columns: Sequence[str]) -> list[int]:
-    unknown = [name for name in columns if name not in COLUMN_INDEX]
-    if unknown or not columns:
-        raise ValueError(f"unknown column {unknown[0] if unknown else ''!r}")
-
-    return [COLUMN_INDEX[name] for name in columns]
-
-
-def _picker(indexes: list[int]) -> Callable[[Row], Sequence[str]]:
-    if len(indexes) == 1:
-        only = indexes[0]
-        return lambda row: (row[only],)
-
-    return operator.itemgetter(*indexes)
-
-
-def _checks(key: FilterKey) -> list[tuple[int, frozenset[str], bool]]:
+def _checks(key: FilterKey) -> list[Check]:
     return [
         (COLUMN_INDEX[FILTER_COLUMNS[name]], values, name == "statuses")
         for name, values in key
     ]
 
 
-def _keep(row: Row, checks: list[tuple[int, frozenset[str], bool]]) -> bool:
+def _keep(row: Row, checks: list[Check]) -> bool:
     for index, values, fold in checks:
         value = row[index].casefold() if fold else row[index]
         if value not in values:
@@ -374,104 +286,3 @@ def _keep(row: Row, checks: list[tuple[int, frozenset[str], bool]]) -> bool:
 
 def _rendered_weight(rendered: _Rendered) -> int:
     return len(rendered.body) + 72 * len(rendered.offsets)
-
-
-def _draw_hour(catalogue: Catalogue, seed: int, hour_ms: int, per_hour: int) -> _Hour:
-    """Draw one hour's rows from a generator seeded by (seed, hour, rows_per_hour)."""
-    started = time.perf_counter()
-    rng = random.Random(f"hour:{seed}:{hour_ms}:{per_hour}")
-    count = _row_count(rng, hour_ms, per_hour)
-    boundary = min(count, rng.randint(1, 2))
-    times = [hour_ms] * boundary
-    times.extend(
-        hour_ms + 1 + rng.randrange(HOUR_MS - 1) for _ in range(count - boundary)
-    )
-    times.sort(reverse=True)
-    rows = _draw_rows(rng, catalogue, hour_ms, times)
-    logger.debug(
-        "drew %d rows for hour %s in %.1f ms",
-        count,
-        sfmc.format_time(hour_ms),
-        (time.perf_counter() - started) * 1000,
-    )
-    return _Hour([-moment for moment in times], rows)
-
-
-def _row_count(rng: random.Random, hour_ms: int, per_hour: int) -> int:
-    if rng.random() < EMPTY_SHARE or per_hour <= 0:
-        return 0
-
-    hour_of_day = hour_ms // HOUR_MS % 24
-    factor = 1.0
-    if hour_of_day in QUIET_HOURS:
-        factor = 0.2
-    elif hour_of_day in BUSY_HOURS:
-        factor = 2.0
-
-    return max(2, round(per_hour * factor * rng.uniform(0.85, 1.15)))
-
-
-def _draw_rows(
-    rng: random.Random, catalogue: Catalogue, hour_ms: int, times: list[int]
-) -> list[Row]:
-    """Draw one row per time; activity starts and journey entries come from pools."""
-    starts = [sfmc.format_time(hour_ms - rng.randrange(2 * HOUR_MS)) for _ in range(64)]
-    created = [
-        sfmc.format_time(hour_ms - 2 * HOUR_MS - rng.randrange(7 * DAY_MS))
-        for _ in range(32)
-    ]
-    draw, bits = rng.random, rng.getrandbits
-    versions, contacts = catalogue.versions, catalogue.contacts
-    messages, notes = catalogue.result_messages, catalogue.notes
-    rows = []
-    for moment in times:
-        version = versions[int(draw() * len(versions))]
-        activities = version.activities
-        step = int(draw() * len(activities))
-        activity = activities[step]
-        status = STATUS_TABLE[int(draw() * len(STATUS_TABLE))]
-        failed = status not in OPEN_STATUSES and status != "Complete"
-        is_open = status in OPEN_STATUSES
-        stamp = sfmc.format_time(moment)
-        has_next = step + 1 < len(activities) and not failed
-        named = status == "Complete" or draw() > 0.03
-        values = {
-            "ActivityId": activity.id,
-            "ActivityName": activity.name if named else "",
-            "ActivityType": activity.type,
-            "ClientStatus": CLIENT_STATUSES[int(draw() * len(CLIENT_STATUSES))],
-            "ContactKey": contacts[int(draw() * len(contacts))],
-            "CreatedDate": created[int(draw() * len(created))],
-            "DefinitionId": version.definition_id,
-            "DefinitionInstanceId": version.instance_ids[int(draw() * 2)],
-            "DefinitionName": version.name,
-            "EndDate": "" if is_open else stamp,
-            "EntrySource": version.entry_source,
-            "EpochTimeInMilliseconds": str(moment),
-            "EventId": guid(bits(128)),
-            "EventName": version.event_name,
-            "Id": guid(bits(128)),
-            "Message": notes[int(draw() * len(notes))] if draw() < 0.15 else "",
-            "OutcomeActivityId": activities[step + 1].id if has_next else "",
-            "SourceType": version.source_type,
-            "StartDate": starts[int(draw() * len(starts))],
-            "Status": status,
-            "TransactionTime": stamp,
-            "Result.Messages": messages[int(draw() * len(messages))]
-            if draw() < 0.8
-            else "",
-            "Result.Outcome": "Failure"
-            if failed
-            else "Pending"
-            if is_open
-            else "Success",
-            "Result.Status": "Failed"
-            if failed
-            else "InProgress"
-            if is_open
-            else "Succeeded",
-            "Result.Tags": TAGS[int(draw() * len(TAGS))],
-        }
-        rows.append(in_columns_order(values))
-
-    return rows

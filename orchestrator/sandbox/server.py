@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
@@ -114,12 +115,12 @@ class SandboxServer:
         """The running counts."""
         return self._app.stats
 
-    def update(self, **changes: object) -> None:
+    def update(self, **changes: Any) -> None:
         """Change settings (fields of SandboxSettings) while serving.
 
         Raises TypeError for an unknown field, ValueError for a bad value.
         """
-        self._app.apply(dataclasses.replace(self._app.settings, **changes))  # type: ignore[arg-type]
+        self._app.apply(dataclasses.replace(self._app.settings, **changes))
 
     def revoke_tokens(self) -> None:
         """Invalidate every token handed out so far."""
@@ -133,9 +134,13 @@ class SandboxServer:
         fmt: str = "csv",
         *,
         filters: Mapping[str, Sequence[str]] | None = None,
+        newline: str | None = None,
     ) -> bytes:
-        """The bytes an exporter must end with for [start, end): header once, no BOM."""
-        newline = self._app.settings.line_ending
+        """The bytes an exporter must end with for [start, end): header once, no BOM.
+
+        `newline` defaults to the one the settings give the files.
+        """
+        newline = newline or self._app.settings.line_ending
         window = self._app.history.window(
             start_ms, end_ms, columns, fmt, filters=filters, newline=newline
         )

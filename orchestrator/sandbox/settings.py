@@ -8,7 +8,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from orchestrator.sandbox.faults import FaultSettings, parse_faults
 
@@ -46,6 +46,7 @@ class SandboxSettings:
     first_byte_seconds: delay before every download's headers.
     bandwidth_bytes_per_second: per connection, for download bodies.
     estimate_shape, freshness_shape: field names "a" or "b", or unparseable.
+    cache_megabytes: memory for rendered hours; raise it for large benchmarks.
     """
 
     seed: int = 7
@@ -69,6 +70,7 @@ class SandboxSettings:
     bandwidth_bytes_per_second: int | None = None
     estimate_shape: Shape = "a"
     freshness_shape: Shape = "a"
+    cache_megabytes: int = 256
     faults: FaultSettings = field(default_factory=FaultSettings)
 
     def __post_init__(self) -> None:
@@ -96,7 +98,7 @@ def settings_from_options(options: Mapping[str, object]) -> SandboxSettings:
     FaultSettings. Raises ValueError with a one-line message naming the bad option.
     """
     hints = _hints()
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     for key, value in options.items():
         name = key.replace("-", "_")
         if name not in hints:
@@ -105,7 +107,7 @@ def settings_from_options(options: Mapping[str, object]) -> SandboxSettings:
 
         changes[name] = _convert(name, hints[name], value)
 
-    return SandboxSettings(**changes)  # type: ignore[arg-type]
+    return SandboxSettings(**changes)
 
 
 @functools.cache

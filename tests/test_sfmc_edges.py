@@ -1,0 +1,247 @@
+"""The API's hard edges end to end: the size cap, retention, freshness, encodings."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.config import ExportRequest
+from orchestrator.errors import UsageError
+from orchestrator.export import Hooks, run_export
+from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.sandbox import SandboxServer, SandboxSettings
+from orchestrator.timeparse import to_millis
+from tests.conftest import (
+    HOUR,
+    credentials_for,
+    expected_output,
+    find_range_with_empty_hour,
+    hour_now,
+    run_settings,
+)
+
+
+def busy_start(sandbox: SandboxServer, hours: int = 3) -> dt.datetime:
+    """An hour-aligned start whose hours all hold rows."""
+    now = hour_now()
+    for back in range(hours + 3, 24 * 20):
+        start = now - back * HOUR
+        counts = [
+            len(
+                sandbox.history.expected(
+                    to_millis(start + i * HOUR), to_millis(start + (i + 1) * HOUR)
+                )
+            )
+            for i in range(hours)
+        ]
+        if min(counts) > 50:
+            return start
+    raise AssertionError("no busy range")
+
+
+async def export(
+    sandbox: SandboxServer,
+    output: Path,
+    start: dt.datetime,
+    end: dt.datetime,
+    **options: Any,
+) -> Any:
+    return await run_export(
+        run_settings(output, start, end, **options), credentials_for(sandbox)
+    )
+
+
+async def test_windows_estimated_over_the_cap_are_split_before_download(
+    tmp_path: Path,
+) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=200)) as sandbox:
+        start = busy_start(sandbox)
+        end = start + 3 * HOUR
+        output = tmp_path / "o.csv"
+        result = await export(
+            sandbox, output, start, end, cap_bytes=4_000, keep_parts=True
+        )
+        attempts = sum(sandbox.stats.downloads.values())
+
+    manifest = Manifest.load(ExportPaths(output).manifest)
+    assert result.complete
+    assert len(manifest.windows) > 3
+    assert all(r.attempts == 1 for r in manifest.windows)
+    assert attempts == len(manifest.windows)
+    assert output.read_bytes() == expected_output(sandbox.history, start, end)
+
+
+@pytest.mark.parametrize("behaviour", ["cut", "error"])
+async def test_a_download_reaching_the_cap_is_split_and_requested_again(
+    tmp_path: Path, behaviour: str
+) -> None:
+    settings = SandboxSettings(
+        rows_per_hour=200,
+        cap_bytes=6_000,
+        cap_behaviour=behaviour,  # type: ignore[arg-type]
+    )
+    async with SandboxServer(settings) as sandbox:
+        start = busy_start(sandbox)
+        end = start + 3 * HOUR
+        output = tmp_path / "o.csv"
+        result = await export(
+            sandbox, output, start, end, cap_bytes=6_000, estimate=False
+        )
+
+    manifest = Manifest.load(ExportPaths(output).manifest)
+    assert result.complete
+    assert len(manifest.windows) > 3
+    assert output.read_bytes() == expected_output(sandbox.history, start, end)
+
+
+async def test_a_window_that_cannot_be_split_further_fails_saying_so(
+    tmp_path: Path,
+) -> None:
+    settings = SandboxSettings(rows_per_hour=200, cap_bytes=50, cap_behaviour="error")
+    async with SandboxServer(settings) as sandbox:
+        start = busy_start(sandbox, hours=1)
+        result = await export(
+            sandbox,
+            tmp_path / "o.csv",
+            start,
+            start + HOUR,
+            cap_bytes=50,
+            estimate=False,
+            min_window=dt.timedelta(minutes=15),
+        )
+
+    assert not result.complete
+    assert result.failed
+    assert all("cannot be split further" in e for e in result.failed.values())
+
+
+@pytest.mark.parametrize("shape", ["b", "garbage"])
+async def test_estimates_of_another_shape_or_unreadable_do_not_stop_the_run(
+    tmp_path: Path, shape: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings = SandboxSettings(rows_per_hour=50, estimate_shape=shape)  # type: ignore[arg-type]
+    async with SandboxServer(settings) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        output = tmp_path / "o.csv"
+        result = await export(sandbox, output, start, start + 3 * HOUR)
+
+    assert result.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 3 * HOUR
+    )
+    understood = "estimate answer not understood" not in caplog.text
+    assert understood == (shape == "b")
+
+
+async def test_a_range_past_retention_is_refused_naming_the_lost_part(
+    tmp_path: Path,
+) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        end = hour_now() - 29 * 24 * HOUR
+        start = end - 3 * 24 * HOUR
+        with pytest.raises(
+            UsageError, match=r"past SFMC's 30-day retention.*--retained-only"
+        ):
+            await export(sandbox, tmp_path / "o.csv", start, end)
+        assert sum(sandbox.stats.downloads.values()) == 0
+
+
+async def test_retained_only_exports_what_is_left(tmp_path: Path) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        end = hour_now() - 29 * 24 * HOUR
+        start = end - 3 * 24 * HOUR
+        output = tmp_path / "o.csv"
+        result = await export(
+            sandbox, output, start, end, retained_only=True, estimate=False
+        )
+
+    assert result.complete
+    assert result.expired >= 2 * 24 - 1
+    assert result.windows < 2 * 24
+
+
+async def test_recent_windows_are_provisional_and_requested_again(
+    tmp_path: Path,
+) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=30)) as sandbox:
+        end = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        start = hour_now() - 2 * HOUR
+        output = tmp_path / "o.csv"
+        settings = run_settings(output, start, end)
+        first = await run_export(settings, credentials_for(sandbox))
+        downloads = sum(sandbox.stats.downloads.values())
+
+        later = Hooks(now=lambda: dt.datetime.now(dt.UTC) + 2 * HOUR)
+        second = await run_export(settings, credentials_for(sandbox), hooks=later)
+        again = sum(sandbox.stats.downloads.values()) - downloads
+
+    assert first.complete and first.provisional >= 1
+    assert again == first.provisional
+    assert second.complete and second.provisional == 0
+    assert output.read_bytes() == expected_output(sandbox.history, start, end)
+
+
+@pytest.mark.parametrize(
+    ("changes", "compression"),
+    [
+        ({}, "gzip"),
+        ({}, "deflate"),
+        ({"deflate_raw": True}, "deflate"),
+        ({"honour_accept_encoding": False}, "gzip"),
+        ({}, "none"),
+        ({"transfer": "length"}, "gzip"),
+    ],
+)
+async def test_every_encoding_is_decoded(
+    tmp_path: Path, changes: dict[str, Any], compression: str
+) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=60, **changes)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        output = tmp_path / "o.csv"
+        result = await export(
+            sandbox, output, start, start + 3 * HOUR, compression=compression
+        )
+
+    assert result.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 3 * HOUR
+    )
+
+
+async def test_a_body_claiming_gzip_it_is_not_fails_clearly(tmp_path: Path) -> None:
+    async with SandboxServer(
+        SandboxSettings(rows_per_hour=60, false_encoding=True)
+    ) as sandbox:
+        start = busy_start(sandbox, hours=2)
+        output = tmp_path / "o.csv"
+        result = await export(sandbox, output, start, start + 2 * HOUR)
+
+    assert not result.complete
+    assert not output.exists()
+    for error in result.failed.values():
+        assert "claims gzip encoding but is not gzip data" in error
+
+
+async def test_tsv_values_with_quotes_round_trip(tmp_path: Path) -> None:
+    request = ExportRequest(
+        format="tsv", columns=("TransactionTime", "ContactKey", "Message")
+    )
+    async with SandboxServer(SandboxSettings(rows_per_hour=80)) as sandbox:
+        start = busy_start(sandbox, hours=2)
+        output = tmp_path / "o.tsv"
+        await export(sandbox, output, start, start + 2 * HOUR, request=request)
+
+    expected = expected_output(
+        sandbox.history,
+        start,
+        start + 2 * HOUR,
+        columns=request.columns,
+        fmt="tsv",
+    )
+    assert output.read_bytes() == expected
+    assert b'""' in expected
