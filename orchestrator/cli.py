@@ -274,6 +274,8 @@ def summary_line(result: ExportResult) -> str:
         )
 
     failed = "; ".join(f"{key}: {error}" for key, error in result.failed.items())
+    if result.error and not failed:
+        return f"export incomplete: {result.error}; rerun the same command"
     return (
         f"export incomplete: {len(result.failed)} of {result.windows} windows failed "
         f"({failed}); rerun the same command to request them again"

@@ -233,7 +233,11 @@ class JourneyHistoryClient:
         window: Window | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send an authorised request; on 401 renew the token once and send again."""
+        """Send an authorised request; on 401 renew the token once and send again.
+
+        A second 401 is retryable: another worker's token may have been revoked in
+        between. The next attempt starts with a new token.
+        """
         for attempt in (1, 2):
             token = await self._tokens.get()
             response = await self._session.request(
@@ -244,10 +248,12 @@ class JourneyHistoryClient:
                 headers={**(headers or {}), "Authorization": f"Bearer {token.value}"},
             )
             try:
-                if response.status == 401 and attempt == 1:
-                    logger.info("token refused (401); renewing it once")
+                if response.status == 401:
+                    logger.info("token refused (401); renewing it")
                     await self._tokens.invalidate(token)
-                    continue
+                    if attempt == 1:
+                        continue
+                    raise RetryableError("401 Not Authorized twice", status=401)
                 yield response
                 return
             finally:

@@ -5,6 +5,7 @@
     │   └── ManifestError   the state beside the output is damaged or not ours
     ├── CredentialsError    the token endpoint rejected the credentials (exit 3)
     ├── LockHeldError       another run holds the lock on this output (exit 4)
+    ├── StateWriteError     the manifest cannot be written; the run stops (exit 1)
     └── WindowError         one window could not be exported (window, status)
         ├── RetryableError  asking again may work: throttling, 5xx, network, cut body
         │   └── ThrottledError
@@ -50,6 +51,12 @@ class CredentialsError(JourneyExportError):
     """The token endpoint rejected the client id or secret."""
 
     exit_code = ExitCode.CREDENTIALS
+
+
+class StateWriteError(JourneyExportError):
+    """The manifest could not be written (a full disk, say); the run stops (exit 1)."""
+
+    exit_code = ExitCode.WINDOWS_FAILED
 
 
 class LockHeldError(JourneyExportError):

@@ -64,6 +64,7 @@ class ExportResult:
     provisional: int = 0
     expired: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
 
 
 def _utc_now() -> dt.datetime:
@@ -277,6 +278,7 @@ class _Job:
         self.pool: WindowPool | None = None
         self.history_lag = settings.history_lag_fallback_seconds
         self.estimates_usable = settings.estimate
+        self.assembly_error: str | None = None
 
     def todo(self) -> list[WindowRecord]:
         return [r for r in self.manifest.windows if r.state in (PENDING, FAILED)]
@@ -438,10 +440,22 @@ class _Job:
         return halves
 
     async def assemble(self) -> None:
-        """Append every window that is next in order; the copy runs in a thread."""
+        """Append every window that is next in order; the copy runs in a thread.
+
+        A failed append (a full disk) leaves the window done with its part kept;
+        the next run cuts the partial output back and appends it again.
+        """
         async with self.assembling:
             for part in self.assembler.ready():
-                size = await anyio.to_thread.run_sync(self.assembler.append, part)
+                try:
+                    size = await anyio.to_thread.run_sync(self.assembler.append, part)
+                except OSError as error:
+                    self.assembly_error = (
+                        f"cannot append to {self.paths.partial}: "
+                        f"{error.strerror or error}"
+                    )
+                    logger.error("%s; rerun once there is room", self.assembly_error)
+                    return
                 self.assembler.appended(part, size)
 
     def result(self, seconds: float) -> ExportResult:
@@ -460,6 +474,7 @@ class _Job:
             complete=self.manifest.complete,
             provisional=sum(r.provisional for r in self.manifest.windows),
             expired=len(self.manifest.extra.get("expired", [])),
+            error=self.assembly_error,
             failed={
                 r.window.key: r.error or "unknown"
                 for r in self.manifest.windows

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import ManifestError
+from orchestrator.errors import ManifestError, StateWriteError
 from orchestrator.parts import fsync_directory, open_private
 from orchestrator.planner import Window
 
@@ -177,12 +177,19 @@ class Manifest:
         }
         document = {"manifest": content, "sha256": _digest(content)}
         temporary = self.path.with_name(self.path.name + ".tmp")
-        with open_private(temporary) as stream:
-            stream.write(json.dumps(document, indent=1).encode())
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, self.path)
-        fsync_directory(self.path.parent)
+        try:
+            with open_private(temporary) as stream:
+                stream.write(json.dumps(document, indent=1).encode())
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, self.path)
+            fsync_directory(self.path.parent)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            raise StateWriteError(
+                f"cannot write the manifest {self.path}: {error.strerror or error}; "
+                "the last good state is kept: free space (or fix the folder) and rerun"
+            ) from None
 
     def find(self, window: Window) -> WindowRecord:
         for record in self.windows:

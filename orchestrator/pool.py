@@ -84,6 +84,12 @@ class WindowPool:
             raise self._fatal
 
     async def _export(self, record: WindowRecord) -> None:
+        try:
+            await self._export_window(record)
+        except JourneyExportError as error:  # concerns the whole run
+            self._stop_all(error)
+
+    async def _export_window(self, record: WindowRecord) -> None:
         started = time.monotonic()
         try:
             info = await self._attempts(record)
@@ -93,9 +99,6 @@ class WindowPool:
             return
         except WindowError as error:
             await self._events.failed(record, error)
-            return
-        except JourneyExportError as error:
-            self._stop_all(error)
             return
 
         record.seconds = time.monotonic() - started

@@ -1,0 +1,270 @@
+"""Faults injected by the sandbox end in a correct file or a clean, resumable failure."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from orchestrator.config import HttpSettings, RetrySettings
+from orchestrator.errors import StateWriteError
+from orchestrator.export import ExportResult, Hooks, run_export
+from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.sandbox import SandboxServer, SandboxSettings, parse_faults
+from tests.conftest import (
+    HOUR,
+    credentials_for,
+    expected_output,
+    find_range_with_empty_hour,
+    run_settings,
+)
+
+FAST_RETRY = RetrySettings(
+    max_attempts=4, backoff_initial_seconds=0.01, backoff_max_seconds=0.05
+)
+
+
+async def no_wait(seconds: float) -> None:
+    await anyio.sleep(0)
+
+
+async def export_with(
+    sandbox: SandboxServer, output: Path, hours: int = 4, **options: Any
+) -> tuple[ExportResult, dt.datetime]:
+    start = find_range_with_empty_hour(sandbox.history, hours=max(hours, 3))
+    options.setdefault("retry", FAST_RETRY)
+    result = await run_export(
+        run_settings(output, start, start + hours * HOUR, **options),
+        credentials_for(sandbox),
+        hooks=Hooks(sleep=no_wait),
+    )
+    return result, start
+
+
+def sandbox_with(faults: str, **changes: Any) -> SandboxServer:
+    settings = SandboxSettings(rows_per_hour=60, faults=parse_faults(faults), **changes)
+    return SandboxServer(settings)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "throttle",
+        "blocked",
+        "unavailable",
+        "error500",
+        "error502",
+        "error504",
+        "reset",
+        "cut_length",
+        "cut_chunked",
+        "cut_gzip",
+        "token_revoked",
+    ],
+)
+async def test_a_fault_on_every_first_attempt_is_retried(
+    tmp_path: Path, kind: str
+) -> None:
+    output = tmp_path / "o.csv"
+    async with sandbox_with(f"{kind}@1, retry_after=0") as sandbox:
+        result, start = await export_with(sandbox, output, keep_parts=True)
+
+    manifest = Manifest.load(ExportPaths(output).manifest)
+    assert result.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 4 * HOUR
+    )
+    if kind != "token_revoked":  # a revoked token is renewed within the attempt
+        assert [r.attempts for r in manifest.windows] == [2] * 4
+        assert result.retries == 4
+
+
+async def test_a_revoked_token_is_renewed_once(tmp_path: Path) -> None:
+    async with sandbox_with("token_revoked@1") as sandbox:
+        await export_with(sandbox, tmp_path / "o.csv", concurrency=1)
+        tokens = sandbox.stats.token_requests
+
+    assert tokens == 5
+
+
+async def test_a_stall_is_cut_by_the_read_timeout_and_retried(tmp_path: Path) -> None:
+    http = HttpSettings(read_timeout_seconds=0.5)
+    output = tmp_path / "o.csv"
+    async with sandbox_with("stall@1, stall_seconds=30") as sandbox:
+        with anyio.fail_after(20):
+            result, start = await export_with(sandbox, output, hours=3, http=http)
+
+    assert result.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 3 * HOUR
+    )
+
+
+async def test_a_slow_healthy_download_is_not_cut(tmp_path: Path) -> None:
+    http = HttpSettings(read_timeout_seconds=0.5)
+    output = tmp_path / "o.csv"
+    sandbox = SandboxServer(
+        SandboxSettings(rows_per_hour=200, bandwidth_bytes_per_second=20_000)
+    )
+    async with sandbox:
+        started = anyio.current_time()
+        result, start = await export_with(
+            sandbox, output, hours=3, http=http, compression="none", concurrency=1
+        )
+        elapsed = anyio.current_time() - started
+
+    assert result.complete and result.retries == 0
+    assert elapsed > 1.0  # longer than the read timeout, yet never cut
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 3 * HOUR
+    )
+
+
+async def test_short_token_lifetime_is_renewed_before_expiry(tmp_path: Path) -> None:
+    output = tmp_path / "o.csv"
+    sandbox = SandboxServer(
+        SandboxSettings(
+            rows_per_hour=60, token_lifetime_seconds=2, first_byte_seconds=0.4
+        )
+    )
+    async with sandbox:
+        result, _ = await export_with(sandbox, output, hours=6, concurrency=1)
+        answers = dict(sandbox.stats.answers)
+
+    assert result.complete
+    assert sandbox.stats.token_requests >= 2
+    assert answers.get(401, 0) == 0
+
+
+async def test_token_endpoint_errors_are_retried(tmp_path: Path) -> None:
+    async with sandbox_with("token_error@1") as sandbox:
+        result, _ = await export_with(sandbox, tmp_path / "o.csv")
+
+    assert result.complete
+    assert sandbox.stats.token_requests == 2
+
+
+async def test_a_concurrency_cap_halves_our_concurrency(tmp_path: Path) -> None:
+    sandbox = SandboxServer(
+        SandboxSettings(
+            rows_per_hour=60, max_concurrent_downloads=2, first_byte_seconds=0.2
+        )
+    )
+    output = tmp_path / "o.csv"
+    async with sandbox:
+        result, start = await export_with(
+            sandbox, output, hours=12, concurrency=8, estimate=False
+        )
+
+    assert result.complete
+    assert result.throttled >= 1
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 12 * HOUR
+    )
+
+
+async def test_retries_are_capped_and_the_rerun_requests_only_failed_windows(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "o.csv"
+    async with sandbox_with("error500@*") as sandbox:
+        failed, start = await export_with(sandbox, output)
+        assert not failed.complete
+        assert len(failed.failed) == 4
+        assert all("500" in error for error in failed.failed.values())
+        assert sum(sandbox.stats.downloads.values()) == 4 * FAST_RETRY.max_attempts
+
+        sandbox.update(faults=parse_faults(""))
+        before = sum(sandbox.stats.downloads.values())
+        result, _ = await export_with(sandbox, output)
+        assert sum(sandbox.stats.downloads.values()) - before == 4
+
+    assert result.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 4 * HOUR
+    )
+
+
+async def test_one_failing_window_does_not_stop_the_others(tmp_path: Path) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        second = (start + HOUR).strftime("%Y-%m-%dT%H:%M:%SZ")
+        sandbox.update(faults=parse_faults(f"error500@*@{second}"))
+        result = await run_export(
+            run_settings(output, start, start + 4 * HOUR, retry=FAST_RETRY),
+            credentials_for(sandbox),
+            hooks=Hooks(sleep=no_wait),
+        )
+
+    manifest = Manifest.load(ExportPaths(output).manifest)
+    assert list(result.failed) == [manifest.windows[1].window.key]
+    assert [r.state for r in manifest.windows] == ["merged", "failed", "done", "done"]
+
+
+async def test_a_damaged_manifest_is_reported_and_restart_recovers(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=30)) as sandbox:
+        _, start = await export_with(sandbox, output)
+        manifest = ExportPaths(output).manifest
+        manifest.write_bytes(manifest.read_bytes()[:100])
+        output.unlink()
+
+        from orchestrator.errors import ManifestError
+
+        with pytest.raises(ManifestError, match="--restart"):
+            await export_with(sandbox, output)
+        result, _ = await export_with(sandbox, output, restart=True)
+
+    assert result.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 4 * HOUR
+    )
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Any:
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+async def test_disk_full_stops_cleanly_and_the_rerun_completes(
+    tiny_disk: Path,
+) -> None:
+    output = tiny_disk / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=300)) as sandbox:
+        try:
+            result, start = await export_with(
+                sandbox, output, hours=6, compression="none"
+            )
+            assert not result.complete
+            assert any("No space left" in e for e in result.failed.values())
+        except StateWriteError as error:
+            assert "No space left" in str(error)
+        manifest = Manifest.load(ExportPaths(output).manifest)  # not damaged
+        assert not manifest.complete
+        done_before = manifest.counts()["merged"]
+
+        subprocess.run(["mount", "-o", "remount,size=20m", str(tiny_disk)], check=True)
+        result, start = await export_with(sandbox, output, hours=6, compression="none")
+
+    assert result.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 6 * HOUR
+    )
+    assert done_before < 6
