@@ -1,4 +1,4 @@
-"""Faults injected by the sandbox end in a correct file or a clean, resumable failure."""
+"""Faults the sandbox injects end in a correct file or a clean, resumable failure."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from orchestrator.config import HttpSettings, RetrySettings
@@ -29,7 +30,7 @@ FAST_RETRY = RetrySettings(
 
 
 async def no_wait(seconds: float) -> None:
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
 
 
 async def export_with(
@@ -260,7 +261,8 @@ async def test_disk_full_stops_cleanly_and_the_rerun_completes(
         assert not manifest.complete
         done_before = manifest.counts()["merged"]
 
-        subprocess.run(["mount", "-o", "remount,size=20m", str(tiny_disk)], check=True)
+        remount = ["mount", "-o", "remount,size=20m", str(tiny_disk)]
+        await anyio.to_thread.run_sync(lambda: subprocess.run(remount, check=True))
         result, start = await export_with(sandbox, output, hours=6, compression="none")
 
     assert result.complete

@@ -220,7 +220,8 @@ class SandboxApp:
         if window.row_count == 0 and self.settings.empty_window == "204":
             return web.Response(status=204)
 
-        encoding = self._encoding(request, fault)
+        accepted = request.headers.get("Accept-Encoding", "")
+        encoding = wire.content_coding(accepted, fault, self.settings)
         data = await self._encode(query, window.body, encoding)
         cap = self.settings.cap_bytes
         if cap is not None and len(data) > cap:
@@ -235,35 +236,8 @@ class SandboxApp:
         )
         headers = _file_headers(query.fmt, claimed or _coding(encoding))
         response = web.StreamResponse(headers=headers)
-        return await wire.deliver(request, response, self._delivery(data, fault))
-
-    def _delivery(self, data: bytes, fault: str | None) -> wire.Delivery:
-        chunked = self.settings.transfer == "chunked"
-        middle = wire.mid_row(data)
-        if fault == "cut_length":
-            return wire.Delivery(data, chunked=False, cut_at=middle)
-
-        if fault == "cut_chunked":
-            return wire.Delivery(data, chunked=True, cut_at=middle)
-
-        if fault == "cut_gzip":
-            return wire.Delivery(data[:middle], chunked=chunked)
-
-        if fault == "stall":
-            stall = self.settings.faults.stall_seconds
-            return wire.Delivery(data, chunked, cut_at=middle, stall_seconds=stall)
-
-        pace = self.settings.bandwidth_bytes_per_second
-        return wire.Delivery(data, chunked, bandwidth=pace)
-
-    def _encoding(self, request: web.Request, fault: str | None) -> str:
-        if fault == "cut_gzip":
-            return "gzip"
-
-        if self.settings.false_encoding or not self.settings.honour_accept_encoding:
-            return "identity"
-
-        return wire.choose_encoding(request.headers.get("Accept-Encoding", ""))
+        delivery = wire.plan(data, fault, self.settings)
+        return await wire.deliver(request, response, delivery)
 
     async def _encode(self, query: DownloadQuery, body: bytes, encoding: str) -> bytes:
         if encoding == "identity":

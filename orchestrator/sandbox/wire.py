@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from orchestrator.sandbox.settings import SandboxSettings
+
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 1024
@@ -35,6 +37,46 @@ class Delivery:
     cut_at: int | None = None
     stall_seconds: float = 0.0
     bandwidth: int | None = None
+
+
+def plan(data: bytes, fault: str | None, settings: SandboxSettings) -> Delivery:
+    """How to send `data` given the settings and the fault drawn, if any.
+
+    Cuts and stalls happen mid-row (see mid_row); cut_gzip sends half of the
+    compressed bytes as a complete response.
+    """
+    chunked = settings.transfer == "chunked"
+    middle = mid_row(data)
+    if fault == "cut_length":
+        return Delivery(data, chunked=False, cut_at=middle)
+
+    if fault == "cut_chunked":
+        return Delivery(data, chunked=True, cut_at=middle)
+
+    if fault == "cut_gzip":
+        return Delivery(data[:middle], chunked=chunked)
+
+    if fault == "stall":
+        stall = settings.faults.stall_seconds
+        return Delivery(data, chunked, cut_at=middle, stall_seconds=stall)
+
+    return Delivery(data, chunked, bandwidth=settings.bandwidth_bytes_per_second)
+
+
+def content_coding(
+    accept_encoding: str, fault: str | None, settings: SandboxSettings
+) -> str:
+    """The coding the body is really sent in: gzip, deflate or identity.
+
+    cut_gzip forces gzip; false_encoding sends identity (while claiming gzip).
+    """
+    if fault == "cut_gzip":
+        return "gzip"
+
+    if settings.false_encoding or not settings.honour_accept_encoding:
+        return "identity"
+
+    return choose_encoding(accept_encoding)
 
 
 def choose_encoding(accept_encoding: str) -> str:
