@@ -273,7 +273,14 @@ class JourneyHistoryClient:
         }
 
 
-_LAG_KEYS = ("lagSeconds", "lag", "freshnessInSeconds", "freshness", "seconds")
+_LAG_KEYS = (
+    "lagSeconds",
+    "historyLagSeconds",
+    "lag",
+    "freshnessInSeconds",
+    "freshness",
+    "seconds",
+)
 _ROW_KEYS = ("rowCount", "totalRows", "rows", "estimatedRowCount", "count")
 _SIZE_KEYS = ("estimatedSizeBytes", "fileSize", "sizeInBytes", "size", "bytes")
 _COMPRESSED_KEYS = (

@@ -44,7 +44,7 @@ SCOPE = "journeys_read list_and_subscribers_read"
 CONTENT_TYPES = {"csv": "text/csv", "tsv": "text/tab-separated-values"}
 GARBAGE = b"<html><body>Service temporarily unavailable</body></html>"
 RESET = web.RequestKey("sandbox.reset", bool)
-ENCODED_CACHE_BYTES = 128 * 2**20
+BODY_CACHE_BYTES = 128 * 2**20
 
 
 class SandboxApp:
@@ -68,14 +68,14 @@ class SandboxApp:
         self.history = self._history(settings)
         self._tokens = TokenStore(clock)
         self._injector = FaultInjector(settings.faults)
-        self._encoded: Lru[bytes] = Lru(ENCODED_CACHE_BYTES, len)
+        self._bodies: Lru[Window] = Lru(BODY_CACHE_BYTES, lambda w: len(w.body))
 
     def apply(self, settings: SandboxSettings) -> None:
         """Switch to new settings; a new seed or volume means a new history."""
         old, self.settings = self.settings, settings
         if _volume(old) != _volume(settings):
             self.history = self._history(settings)
-            self._encoded.clear()
+            self._bodies.clear()
 
         if old.faults != settings.faults:
             self._injector = FaultInjector(settings.faults)
@@ -216,13 +216,13 @@ class SandboxApp:
             return web.Response()
 
         await self._first_byte_delay(fault)
-        window = self._empty_body(await self._window(query))
+        accepted = request.headers.get("Accept-Encoding", "")
+        encoding = wire.content_coding(accepted, fault, self.settings)
+        window = await self._body(query, encoding)
         if window.row_count == 0 and self.settings.empty_window == "204":
             return web.Response(status=204)
 
-        accepted = request.headers.get("Accept-Encoding", "")
-        encoding = wire.content_coding(accepted, fault, self.settings)
-        data = await self._encode(query, window.body, encoding)
+        data = window.body
         cap = self.settings.cap_bytes
         if cap is not None and len(data) > cap:
             if self.settings.cap_behaviour == "error":
@@ -239,18 +239,18 @@ class SandboxApp:
         delivery = wire.plan(data, fault, self.settings)
         return await wire.deliver(request, response, delivery)
 
-    async def _encode(self, query: DownloadQuery, body: bytes, encoding: str) -> bytes:
-        if encoding == "identity":
-            return body
-
+    async def _body(self, query: DownloadQuery, encoding: str) -> Window:
+        """The body as sent, in `encoding`; kept so a repeated window costs nothing."""
         raw = self.settings.deflate_raw
         key = (self._window_key(query), encoding, raw)
-        cached = self._encoded.get(key)
+        cached = self._bodies.get(key)
         if cached is None:
-            cached = await asyncio.to_thread(
-                wire.encode, body, encoding, raw_deflate=raw
+            window = self._empty_body(await self._window(query))
+            data = await asyncio.to_thread(
+                wire.encode, window.body, encoding, raw_deflate=raw
             )
-            self._encoded.put(key, cached)
+            cached = Window(data, window.row_count)
+            self._bodies.put(key, cached)
 
         return cached
 
