@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 from orchestrator import sfmc
 from orchestrator.errors import UsageError
 from orchestrator.planner import MAX_SPAN, MIN_SPAN
-from orchestrator.timeparse import parse_duration, parse_time
+from orchestrator.timeparse import load_zone, parse_duration, parse_time
 
 MAX_CONCURRENCY = 64
 COMPRESSIONS = ("gzip", "deflate", "none")
@@ -46,6 +47,10 @@ CONFIG_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "min_window": str,
         "retained_only": bool,
         "history_lag_fallback_seconds": (int, float),
+        "tz": str,
+        "last": str,
+        "max_duration": str,
+        "state_file": str,
     },
     "filters": {
         "statuses": list,
@@ -161,6 +166,8 @@ class RunSettings:
     min_window: dt.timedelta = dt.timedelta(minutes=1)
     retained_only: bool = False
     history_lag_fallback_seconds: float = 7200.0
+    max_duration: dt.timedelta | None = None
+    redo: tuple[str, ...] = ()
     retry: RetrySettings = RetrySettings()
     http: HttpSettings = HttpSettings()
 
@@ -376,22 +383,25 @@ def build_settings(
     output = merged.get("output")
     if not output:
         raise UsageError("no output file: give --output PATH or export.output")
+    max_duration = merged.get("max_duration")
 
     return RunSettings(
         start=start,
         end=end,
-        output=Path(output),
+        output=render_output(str(output), start, end),
         request=request,
         window=_build_window(merged.get("window", "1h")),
         concurrency=_bounded_int(merged, "concurrency", 5, 1, MAX_CONCURRENCY),
         compression=_choice(merged, "compression", "gzip", COMPRESSIONS),
         keep_parts=bool(merged.get("keep_parts", False)),
         restart=bool(merged.get("restart", False)),
-        range_as_given=(str(merged["start"]), str(merged["end"])),
+        range_as_given=_range_as_given(merged),
         estimate=bool(merged.get("estimate", True)),
         cap_bytes=_cap_bytes(merged),
         min_window=_build_window(merged.get("min_window", "1m"), name="min_window"),
         retained_only=bool(merged.get("retained_only", False)),
+        max_duration=_duration(max_duration, "max_duration") if max_duration else None,
+        redo=tuple(merged.get("redo") or ()),
         history_lag_fallback_seconds=_positive(
             merged, "history_lag_fallback_seconds", 7200.0
         ),
@@ -408,6 +418,13 @@ def _merge(
         merged.update(config.get(section, {}))
     merged.update({key: value for key, value in options.items() if value is not None})
     return merged
+
+
+def build_request(
+    options: Mapping[str, Any], config: Mapping[str, Mapping[str, Any]]
+) -> ExportRequest:
+    """The request alone (format, columns, filters), checked as build_settings does."""
+    return _build_request(_merge(options, config))
 
 
 def _build_request(merged: Mapping[str, Any]) -> ExportRequest:
@@ -460,11 +477,18 @@ def _split_list(value: Any) -> list[str]:
 def _build_range(
     merged: Mapping[str, Any], now: dt.datetime
 ) -> tuple[dt.datetime, dt.datetime]:
-    if not merged.get("start") or not merged.get("end"):
-        raise UsageError("no time range: give --start and --end (or export.start/end)")
+    zone = load_zone(str(merged["tz"])) if merged.get("tz") else dt.UTC
+    last = merged.get("last")
+    if last and merged.get("start"):
+        raise UsageError("--last and --start both give the start: keep one")
+    if not last and not merged.get("start"):
+        raise UsageError("no time range: give --start (or --last), and --end")
 
-    start = parse_time(str(merged["start"]), now=now, name="start")
-    end = parse_time(str(merged["end"]), now=now, name="end")
+    end = parse_time(str(merged.get("end") or "now"), now=now, name="end", zone=zone)
+    if last:
+        start = end - _duration(str(last), "last")
+    else:
+        start = parse_time(str(merged["start"]), now=now, name="start", zone=zone)
     if end <= start:
         raise UsageError(
             f"end {end.isoformat()} is not after start {start.isoformat()}"
@@ -477,6 +501,52 @@ def _build_window(text: str, *, name: str = "window") -> dt.timedelta:
     if not MIN_SPAN <= span <= MAX_SPAN:
         raise UsageError(f"{name} {text!r} is out of range: use 1m to 1d")
     return span
+
+
+def _range_as_given(merged: Mapping[str, Any]) -> tuple[str, str]:
+    if merged.get("since_last"):
+        return ("end of the last complete export", "now - history lag")
+    start = merged.get("start") or f"end - {merged.get('last')}"
+    end = merged.get("end") or "now"
+    zone = merged.get("tz")
+    return (f"{start} ({zone})", f"{end} ({zone})") if zone else (str(start), str(end))
+
+
+def _duration(text: str, name: str) -> dt.timedelta:
+    span = parse_duration(text, name=name)
+    if span <= dt.timedelta(0):
+        raise UsageError(f"{name} {text!r} must be longer than zero")
+    return span
+
+
+_TEMPLATE_FIELD = re.compile(r"\{(\w*)(?::([^{}]*))?\}")
+
+
+def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
+    """Fill ``{start:%Y%m%d}`` and ``{end:...}`` in an output name (UTC times).
+
+    Only those two fields exist; a name that would climb out with ``..`` or holds a
+    NUL byte is refused.
+    """
+    times = {"start": start, "end": end}
+
+    def fill(match: re.Match[str]) -> str:
+        name, pattern = match.group(1), match.group(2) or "%Y%m%dT%H%M%SZ"
+        if name not in times:
+            raise UsageError(
+                f"output template {template!r}: unknown field {{{name}}}; "
+                "use {start:%Y%m%d} or {end:%Y%m%d}"
+            )
+        return times[name].astimezone(dt.UTC).strftime(pattern)
+
+    rendered = _TEMPLATE_FIELD.sub(fill, template)
+    path = Path(rendered)
+    if "\0" in rendered or ".." in path.parts or not path.name:
+        raise UsageError(
+            f"output {rendered!r} is refused: a file name without '..' parts or NUL "
+            "bytes is needed"
+        )
+    return path
 
 
 def _cap_bytes(merged: Mapping[str, Any]) -> int:

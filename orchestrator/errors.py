@@ -28,6 +28,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     CREDENTIALS = 3
     LOCKED = 4
+    TIME_BUDGET = 5
     INTERRUPTED = 130
 
 

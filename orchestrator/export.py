@@ -42,8 +42,9 @@ from orchestrator.merger import Assembler
 from orchestrator.parts import PartInfo, fsync_directory
 from orchestrator.planner import Window, plan_windows
 from orchestrator.pool import PoolEvents, WindowPool
+from orchestrator.reporting import Progress
 from orchestrator.retry import AdaptiveLimiter, RetryPolicy, Sleep, ThrottleGate
-from orchestrator.timeparse import iso
+from orchestrator.timeparse import iso, parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class ExportResult:
     """How a run ended; ``failed`` maps each failed window to its last error."""
 
     output: str
+    start: str
+    end: str
     windows: int
     exported: int
     rows: int
@@ -65,6 +68,7 @@ class ExportResult:
     expired: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    out_of_time: bool = False
 
 
 def _utc_now() -> dt.datetime:
@@ -78,6 +82,7 @@ class Hooks:
     sleep: Sleep = anyio.sleep
     now: Callable[[], dt.datetime] = _utc_now
     ssl_context: ssl.SSLContext | None = None
+    progress: Progress | None = None
 
 
 async def run_export(
@@ -101,6 +106,9 @@ async def run_export(
             assembler.reconcile()
         if reopened := assembler.reopen_provisional():
             logger.info("%d provisional windows to request again", reopened)
+        if settings.redo:
+            chosen = select_windows(manifest, settings.redo)
+            logger.info("%d windows to request again", assembler.reopen(chosen))
 
         job = _Job(settings, credentials, paths, assembler, hooks)
         if not manifest.complete:
@@ -110,6 +118,24 @@ async def run_export(
             if assembler.all_merged():
                 assembler.publish()
         return job.result(time.monotonic() - started)
+
+
+async def history_lag(credentials: Credentials, settings: RunSettings) -> float:
+    """The history lag in seconds from the freshness call, or the fallback."""
+    fallback = settings.history_lag_fallback_seconds
+    async with open_session(settings, Hooks()) as session:
+        tokens = TokenSource(
+            session, credentials, allowed_domains=settings.http.allowed_domains
+        )
+        client = JourneyHistoryClient(session, tokens, settings.request)
+        try:
+            lag = await client.freshness()
+        except WindowError as error:
+            logger.warning(
+                "freshness unavailable (%s); assuming %.0f s", error, fallback
+            )
+            return fallback
+    return fallback if lag is None else lag
 
 
 async def estimate_windows(
@@ -142,6 +168,28 @@ async def estimate_windows(
             for window in windows:
                 group.start_soon(estimate, window)
     return [(window, found[window]) for window in windows]
+
+
+def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowRecord]:
+    """The windows ``--redo`` names: ``failed``, or ranges ``START/END`` (overlap)."""
+    chosen: list[WindowRecord] = []
+    now = dt.datetime.now(dt.UTC)
+    for choice in choices:
+        if choice == "failed":
+            chosen += [r for r in manifest.windows if r.state == FAILED]
+            continue
+        start_text, sep, end_text = choice.partition("/")
+        if not sep:
+            raise UsageError(
+                f"--redo {choice!r}: write 'failed' or a range START/END, e.g. "
+                "2026-11-03T05:00Z/2026-11-03T08:00Z"
+            )
+        start = parse_time(start_text, now=now, name="--redo start")
+        end = parse_time(end_text, now=now, name="--redo end")
+        chosen += [
+            r for r in manifest.windows if r.window.start < end and start < r.window.end
+        ]
+    return chosen
 
 
 def retention_cutoff(now: dt.datetime) -> dt.datetime:
@@ -279,6 +327,9 @@ class _Job:
         self.history_lag = settings.history_lag_fallback_seconds
         self.estimates_usable = settings.estimate
         self.assembly_error: str | None = None
+        self.progress = hooks.progress or Progress()
+        budget = settings.max_duration
+        self.deadline = time.monotonic() + budget.total_seconds() if budget else None
 
     def todo(self) -> list[WindowRecord]:
         return [r for r in self.manifest.windows if r.state in (PENDING, FAILED)]
@@ -307,6 +358,7 @@ class _Job:
             todo = self.todo()
             total = len(self.manifest.windows)
             logger.info("%d of %d windows to download", len(todo), total)
+            self._count_progress(total - len(todo))
             events = PoolEvents(self._done, self._failed, self._too_large)
             self.pool = WindowPool(
                 self._fetch,
@@ -314,8 +366,19 @@ class _Job:
                 policy=self.policy,
                 limiter=self.limiter,
                 gate=self.gate,
+                deadline=self.deadline,
+                stats=self.progress.stats,
             )
             await self.pool.run(todo)
+
+    def _count_progress(self, finished: int) -> None:
+        rows, size = self.manifest.totals()
+        self.progress.windows = len(self.manifest.windows)
+        self.progress.finished, self.progress.rows, self.progress.bytes = (
+            finished,
+            rows,
+            size,
+        )
 
     async def _history_lag(self) -> float:
         assert self.client is not None
@@ -398,6 +461,7 @@ class _Job:
         record.sha256, record.newline = info.sha256, info.newline
         record.error = None
         self.manifest.save()
+        self._progressed(record)
         logger.info(
             "window %s done: %d rows, %d bytes, %.1f s, %d attempts",
             record.window,
@@ -405,8 +469,24 @@ class _Job:
             record.bytes,
             record.seconds,
             record.attempts,
+            extra={
+                "event": "window_done",
+                "window": record.window.key,
+                "rows": record.rows,
+                "bytes": record.bytes,
+                "seconds": round(record.seconds, 3),
+                "attempts": record.attempts,
+                "provisional": record.provisional,
+            },
         )
         await self.assemble()
+
+    def _progressed(self, record: WindowRecord) -> None:
+        self.progress.windows = len(self.manifest.windows)
+        self.progress.finished += 1
+        self.progress.finished_this_run += 1
+        self.progress.rows += record.rows
+        self.progress.bytes += record.bytes
 
     def _is_provisional(self, record: WindowRecord) -> bool:
         requested_at = self.hooks.now() - dt.timedelta(seconds=record.seconds)
@@ -414,6 +494,7 @@ class _Job:
         return record.window.end > final_until
 
     async def _failed(self, record: WindowRecord, error: WindowError) -> None:
+        self.progress.failed += 1
         record.state = FAILED
         record.error = str(error)
         self.manifest.save()
@@ -422,6 +503,12 @@ class _Job:
             record.window,
             record.attempts,
             error,
+            extra={
+                "event": "window_failed",
+                "window": record.window.key,
+                "attempts": record.attempts,
+                "error": str(error),
+            },
         )
 
     def _too_large(
@@ -464,6 +551,8 @@ class _Job:
         stats = self.pool.stats if self.pool else None
         return ExportResult(
             output=str(self.settings.output),
+            start=str(self.manifest.request["start"]),
+            end=str(self.manifest.request["end"]),
             windows=len(self.manifest.windows),
             exported=len(finished),
             rows=rows,
@@ -475,6 +564,7 @@ class _Job:
             provisional=sum(r.provisional for r in self.manifest.windows),
             expired=len(self.manifest.extra.get("expired", [])),
             error=self.assembly_error,
+            out_of_time=bool(self.pool and self.pool.out_of_time),
             failed={
                 r.window.key: r.error or "unknown"
                 for r in self.manifest.windows

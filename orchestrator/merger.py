@@ -12,7 +12,14 @@ import os
 import shutil
 from pathlib import Path
 
-from orchestrator.manifest import DONE, MERGED, PENDING, ExportPaths, Manifest
+from orchestrator.manifest import (
+    DONE,
+    MERGED,
+    PENDING,
+    ExportPaths,
+    Manifest,
+    WindowRecord,
+)
 from orchestrator.parts import fsync_directory, open_private, verify_part
 
 logger = logging.getLogger(__name__)
@@ -73,17 +80,17 @@ class Assembler:
                 record.state = PENDING
 
     def reopen_provisional(self) -> int:
-        """Put windows exported while still provisional back to pending.
+        """Put windows exported while still provisional back to pending."""
+        return self.reopen([r for r in self.manifest.windows if r.provisional])
+
+    def reopen(self, records: list[WindowRecord]) -> int:
+        """Put windows back to pending so that this run requests them again.
 
         Their rows leave the output: it is cut back to where the first of them began
         (a published output is first moved back to the partial name). Returns how
         many windows were reopened.
         """
-        reopen = [
-            r
-            for r in self.manifest.windows
-            if r.provisional and r.state in (DONE, MERGED)
-        ]
+        reopen = [r for r in records if r.state != PENDING]
         if not reopen:
             return 0
         if self.manifest.complete:

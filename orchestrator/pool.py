@@ -48,6 +48,10 @@ class PoolStats:
     retry_reasons: list[str] = field(default_factory=list)
 
 
+class OutOfTime(Exception):
+    """The run's time budget is spent: start no new attempt."""
+
+
 class WindowPool:
     """Run ``fetch`` for each window under a shared limiter, gate and retry policy."""
 
@@ -59,13 +63,17 @@ class WindowPool:
         policy: RetryPolicy,
         limiter: AdaptiveLimiter,
         gate: ThrottleGate,
+        deadline: float | None = None,
+        stats: PoolStats | None = None,
     ) -> None:
         self._fetch = fetch
         self._events = events
         self._policy = policy
         self._limiter = limiter
         self._gate = gate
-        self.stats = PoolStats()
+        self._deadline = deadline
+        self.out_of_time = False
+        self.stats = stats or PoolStats()
         self._group: anyio.abc.TaskGroup | None = None
         self._fatal: JourneyExportError | None = None
 
@@ -100,6 +108,9 @@ class WindowPool:
         except WindowError as error:
             await self._events.failed(record, error)
             return
+        except OutOfTime:
+            self.out_of_time = True
+            return
 
         record.seconds = time.monotonic() - started
         await self._events.done(record, info)
@@ -124,6 +135,8 @@ class WindowPool:
         await self._gate.wait()
         async with self._limiter:
             await self._gate.wait()
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                raise OutOfTime
             record.attempts += 1
             try:
                 info = await self._fetch(record)
@@ -153,6 +166,13 @@ class WindowPool:
                 state.attempt_number,
                 error,
                 state.upcoming_sleep,
+                extra={
+                    "event": "retry",
+                    "window": record.window.key,
+                    "attempt": state.attempt_number,
+                    "reason": str(error),
+                    "wait_seconds": round(state.upcoming_sleep, 3),
+                },
             )
 
         return log_retry

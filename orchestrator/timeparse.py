@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import zoneinfo
 
 from orchestrator.errors import UsageError
 
@@ -34,15 +35,21 @@ def parse_duration(text: str, *, name: str = "duration") -> dt.timedelta:
     return dt.timedelta(seconds=seconds)
 
 
-def parse_time(text: str, *, now: dt.datetime, name: str = "time") -> dt.datetime:
-    """Parse an absolute or relative time; ``now`` anchors the relative forms."""
+def parse_time(
+    text: str, *, now: dt.datetime, name: str = "time", zone: dt.tzinfo = UTC
+) -> dt.datetime:
+    """Parse an absolute or relative time; ``now`` anchors the relative forms.
+
+    Dates, ``today`` and ``yesterday`` are midnight in ``zone`` (UTC unless asked),
+    so a local day across a daylight-saving change is 23 or 25 hours long.
+    """
     value = text.strip()
-    relative = _parse_relative(value, now)
+    relative = _parse_relative(value, now, zone)
     if relative is not None:
         return relative
 
     if _DATE_ONLY.match(value):
-        return dt.datetime.fromisoformat(value).replace(tzinfo=UTC)
+        return _midnight(dt.date.fromisoformat(value), zone)
 
     try:
         moment = dt.datetime.fromisoformat(value)
@@ -57,17 +64,37 @@ def parse_time(text: str, *, now: dt.datetime, name: str = "time") -> dt.datetim
     return moment.astimezone(UTC)
 
 
-def _parse_relative(value: str, now: dt.datetime) -> dt.datetime | None:
-    midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+def _parse_relative(
+    value: str, now: dt.datetime, zone: dt.tzinfo
+) -> dt.datetime | None:
+    today = now.astimezone(zone).date()
     if value == "now":
         return now.astimezone(UTC)
     if value == "today":
-        return midnight
+        return _midnight(today, zone)
     if value == "yesterday":
-        return midnight - dt.timedelta(days=1)
+        return _midnight(today - dt.timedelta(days=1), zone)
     if value.startswith("-") and _DURATION.match(value[1:]):
         return now.astimezone(UTC) - parse_duration(value[1:])
     return None
+
+
+def _midnight(day: dt.date, zone: dt.tzinfo) -> dt.datetime:
+    local = dt.datetime(day.year, day.month, day.day, tzinfo=zone)
+    return local.astimezone(UTC)
+
+
+def load_zone(name: str) -> dt.tzinfo:
+    """The time zone called ``name`` (IANA, e.g. Europe/Paris), or UsageError."""
+    if name.upper() == "UTC":
+        return UTC
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise UsageError(
+            f"time zone {name!r} is unknown: use an IANA name such as Europe/Paris "
+            "(if every name fails, install the tz database: pip install tzdata)"
+        ) from None
 
 
 def to_millis(moment: dt.datetime) -> int:

@@ -145,7 +145,7 @@ def test_run_then_status(tmp_path: Path, sandbox_port: int) -> None:
     done = journey_export("run", *range_args(3, output), env=env_for(sandbox_port))
 
     assert done.returncode == 0, done.stderr
-    assert "export complete: 3 windows" in done.stdout
+    assert "export complete: 3/3 windows" in done.stdout
     assert "sandbox-secret" not in done.stderr + done.stdout
 
     status = journey_export("status", "--output", str(output))

@@ -1,0 +1,322 @@
+"""The commands behind ``journey-export run``, ``plan``, ``status`` and ``values``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+
+from orchestrator import sfmc
+from orchestrator.config import (
+    Credentials,
+    RunSettings,
+    build_request,
+    build_settings,
+    load_config,
+    load_credentials,
+)
+from orchestrator.download import Estimate
+from orchestrator.errors import ExitCode, JourneyExportError, UsageError
+from orchestrator.export import (
+    ExportResult,
+    Hooks,
+    estimate_windows,
+    history_lag,
+    run_export,
+)
+from orchestrator.incremental import (
+    last_end,
+    read_state,
+    record_end,
+    request_key,
+    state_path,
+)
+from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.planner import Window, plan_windows
+from orchestrator.reporting import (
+    Progress,
+    ProgressDisplay,
+    progress_line,
+    prometheus_text,
+    report_of,
+    write_atomically,
+    write_report,
+)
+from orchestrator.timeparse import iso, parse_duration
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_OPTION_NAMES = (
+    *("start", "end", "last", "tz", "output", "format", "columns", "window"),
+    *("concurrency", "compression", "keep_parts", "restart", "allow_unknown_values"),
+    *("statuses", "activity_types", "definition_ids", "definition_instance_ids"),
+    *("activity_ids", "contact_keys_file", "estimate", "safety_cap_mb"),
+    *("min_window", "retained_only", "ca_bundle", "allow_domain", "max_duration"),
+    *("redo", "since_last", "state_file"),
+)
+
+
+class Interrupted(JourneyExportError):
+    """SIGINT or SIGTERM stopped the run; its state is kept."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+def options_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that build settings; None where a flag was not given."""
+    return {name: getattr(args, name, None) for name in _OPTION_NAMES}
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    options = options_of(args)
+    if args.since_last:
+        credentials = load_credentials(os.environ, config, args.config)
+        found = _since_last_range(options, config, credentials)
+        if found is None:
+            return int(ExitCode.OK)
+        options = found
+    settings = build_settings(options, config, now=_now())
+    credentials = load_credentials(os.environ, config, args.config)
+
+    progress = Progress()
+    result = run_interruptible(
+        lambda: _export_with_progress(settings, credentials, progress, args.display)
+    )
+    code = exit_code_of(result)
+    print(summary_line(result))
+    _write_reports(args, result, code)
+    if args.since_last and code == ExitCode.OK:
+        key = request_key(settings.request, settings.window)
+        record_end(
+            _state_file(options, config), key, end=result.end, output=result.output
+        )
+    return int(code)
+
+
+def exit_code_of(result: ExportResult) -> ExitCode:
+    if result.complete:
+        return ExitCode.OK
+    if result.out_of_time and not result.failed:
+        return ExitCode.TIME_BUDGET
+    return ExitCode.WINDOWS_FAILED
+
+
+def _write_reports(args: argparse.Namespace, result: ExportResult, code: int) -> None:
+    report = report_of(result, exit_code=code)
+    if args.report:
+        write_report(args.report, report)
+    if args.prometheus:
+        write_atomically(args.prometheus, prometheus_text(report))
+
+
+def _state_file(options: dict[str, Any], config: dict[str, Any]) -> Any:
+    export = config.get("export", {})
+    template = str(options.get("output") or export.get("output") or "")
+    return state_path(options.get("state_file") or export.get("state_file"), template)
+
+
+def _since_last_range(
+    options: dict[str, Any], config: dict[str, Any], credentials: Credentials
+) -> dict[str, Any] | None:
+    """Options with start and end resolved for --since-last; None if nothing is new."""
+    if options.get("last") or options.get("end"):
+        raise UsageError("--since-last sets the range itself: drop --last and --end")
+    span = parse_duration(str(options.get("window") or "1h"), name="window")
+    key = request_key(build_request(options, config), span)
+    path = _state_file(options, config)
+    start = last_end(read_state(path), key)
+    if start is None and not options.get("start"):
+        raise UsageError(
+            f"--since-last: no complete export of this request is recorded in {path}; "
+            "give --start for the first run"
+        )
+
+    probe = build_settings(
+        {**options, "start": "-1h", "end": "now"}, config, now=_now()
+    )
+    lag = anyio.run(history_lag, credentials, probe)
+    end = (_now() - dt.timedelta(seconds=lag)).replace(second=0, microsecond=0)
+    begin = iso(start) if start else str(options["start"])
+    if start is not None and start >= end:
+        print(f"nothing new since the last export, which ended {iso(start)}")
+        return None
+    return {**options, "start": begin, "end": iso(end)}
+
+
+async def _export_with_progress(
+    settings: RunSettings,
+    credentials: Credentials,
+    progress: Progress,
+    display: ProgressDisplay | None,
+) -> ExportResult:
+    async with anyio.create_task_group() as group:
+        if display is not None:
+            group.start_soon(_redraw, display, progress, settings.concurrency)
+        result = await run_export(settings, credentials, hooks=Hooks(progress=progress))
+        group.cancel_scope.cancel()
+    if display is not None:
+        display.clear()
+    return result
+
+
+async def _redraw(display: ProgressDisplay, progress: Progress, limit: int) -> None:
+    while True:
+        display.draw(progress_line(progress, concurrency=limit))
+        await anyio.sleep(0.5)
+
+
+def run_interruptible(job: Callable[[], Awaitable[_T]]) -> _T:
+    """Run ``job`` until it ends or SIGINT/SIGTERM arrives (then raise Interrupted)."""
+    outcome: list[_T] = []
+    signals_seen: list[int] = []
+
+    async def supervise() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_watch_signals, group.cancel_scope, signals_seen)
+            outcome.append(await job())
+            group.cancel_scope.cancel()
+
+    anyio.run(supervise)
+    if signals_seen:
+        raise Interrupted(
+            f"stopped by signal {signals_seen[0]}; state is kept, "
+            "rerun the same command to go on"
+        )
+    return outcome[0]
+
+
+async def _watch_signals(scope: anyio.CancelScope, seen: list[int]) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            logger.warning("signal %d: stopping; windows in flight are dropped", signum)
+            seen.append(int(signum))
+            scope.cancel()
+            return
+
+
+def summary_line(result: ExportResult) -> str:
+    """The one line that ends every run."""
+    size = f"{result.bytes / 1e6:,.1f} MB"
+    done = (
+        f"{result.exported}/{result.windows} windows, {result.rows:,} rows, {size} "
+        f"in {result.seconds:.1f} s, {result.retries} retries, "
+        f"{result.throttled} throttled"
+    )
+    if result.complete:
+        notes = ""
+        if result.provisional:
+            notes += f"; {result.provisional} provisional (rerun later to refresh)"
+        if result.expired:
+            notes += f"; {result.expired} windows past retention skipped"
+        return f"export complete: {done} -> {result.output}{notes}"
+    if result.out_of_time and not result.failed:
+        return f"export paused (time budget spent): {done}; rerun to go on"
+
+    failed = "; ".join(f"{key}: {error}" for key, error in result.failed.items())
+    reason = failed or result.error or "see the log"
+    return (
+        f"export incomplete: {done}; {len(result.failed)} failed ({reason}); "
+        "rerun the same command to request them again"
+    )
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    options = {**options_of(args), "output": args.output or "plan"}
+    settings = build_settings(options, config, now=_now())
+    if args.ask_estimates:
+        credentials = load_credentials(os.environ, config, args.config)
+        planned = run_interruptible(lambda: estimate_windows(settings, credentials))
+        print_estimates(planned, settings.cap_bytes)
+        return int(ExitCode.OK)
+
+    windows = plan_windows(settings.start, settings.end, settings.window)
+    for window in windows:
+        minutes = window.span.total_seconds() / 60
+        print(f"{window.key}\t{minutes:g} min")
+    print(f"{len(windows)} windows")
+    return int(ExitCode.OK)
+
+
+def print_estimates(
+    planned: list[tuple[Window, Estimate | None]], cap_bytes: int
+) -> None:
+    """Print each window's estimate and the totals; '?' where none was readable."""
+    print("window\trows\tbytes\tcompressed bytes\tnote")
+    totals = [0, 0, 0]
+    for window, estimate in planned:
+        values = (
+            (estimate.rows, estimate.bytes, estimate.compressed_bytes)
+            if estimate
+            else (None, None, None)
+        )
+        for index, value in enumerate(values):
+            totals[index] += value or 0
+        over = estimate is not None and estimate.size(compressed=True) > cap_bytes
+        note = "over the safety cap: split before download" if over else ""
+        shown = "\t".join("?" if v is None else str(v) for v in values)
+        print(f"{window.key}\t{shown}\t{note}")
+    print(
+        f"{len(planned)} windows, estimated {totals[0]:,} rows, {totals[1]:,} bytes "
+        f"({totals[2]:,} compressed)"
+    )
+
+
+def command_status(args: argparse.Namespace) -> int:
+    paths = ExportPaths(args.output)
+    if not paths.manifest.exists():
+        raise UsageError(f"no export recorded for {args.output} (no {paths.manifest})")
+
+    manifest = Manifest.load(paths.manifest)
+    rows = [("window", "state", "attempts", "rows", "bytes", "last error")]
+    for record in manifest.windows:
+        state = record.state + (" (provisional)" if record.provisional else "")
+        rows.append(
+            (
+                record.window.key,
+                state,
+                str(record.attempts),
+                f"{record.rows:,}",
+                f"{record.bytes:,}",
+                record.error or "",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[5]]).rstrip())
+    print(status_summary(manifest))
+    return int(ExitCode.OK)
+
+
+def status_summary(manifest: Manifest) -> str:
+    counts = manifest.counts()
+    rows, size = manifest.totals()
+    state = "complete" if manifest.complete else "incomplete"
+    shown = ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))
+    return (
+        f"{state}: {len(manifest.windows)} windows ({shown}), {rows:,} rows, "
+        f"{size:,} bytes"
+    )
+
+
+def command_values(args: argparse.Namespace) -> int:
+    lists = {
+        "column": sfmc.COLUMNS,
+        "status": sfmc.STATUSES,
+        "activity-type": sfmc.ACTIVITY_TYPES,
+    }
+    print("\n".join(lists[args.kind]))
+    return int(ExitCode.OK)

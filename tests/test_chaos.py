@@ -1,0 +1,214 @@
+"""Seeded chaos: mixed faults at random rates over every sandbox switch.
+
+Each scenario draws the server's behaviour, the request and the fault rates from
+its seed, exports over real HTTP on 127.0.0.1, reruns while windows fail after
+their retries, and compares the output with the sandbox's ground truth byte for
+byte. One fault kind per scenario also fires on every window's first attempt, so
+each scenario certainly injects faults and the seeds together cover every kind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from orchestrator import sfmc
+from orchestrator.config import ExportRequest, HttpSettings, RetrySettings
+from orchestrator.export import ExportResult, Hooks, run_export
+from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.sandbox import SandboxServer, SandboxSettings, parse_faults
+from orchestrator.timeparse import to_millis
+from tests.conftest import (
+    HOUR,
+    credentials_for,
+    expected_output,
+    hour_now,
+    run_settings,
+)
+
+RATE_KINDS = (
+    "throttle",
+    "blocked",
+    "unavailable",
+    "error500",
+    "error502",
+    "error504",
+    "reset",
+    "cut_length",
+    "cut_chunked",
+    "cut_gzip",
+    "stall",
+    "token_revoked",
+)
+# The kind that also fires on every first attempt, one per seed: all are covered.
+RULE_KINDS = (*RATE_KINDS, "slow_first_byte", "token_error")
+SEEDS = range(len(RULE_KINDS))
+CHAOS_RETRY = RetrySettings(
+    max_attempts=3, backoff_initial_seconds=0.01, backoff_max_seconds=0.05
+)
+CHAOS_HTTP = HttpSettings(read_timeout_seconds=0.4)
+STALL_SECONDS = 1.5
+MAX_RUNS = 30
+
+
+async def no_wait(seconds: float) -> None:
+    await anyio.lowlevel.checkpoint()
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """One seeded export: the server's switches, the request and the range."""
+
+    seed: int
+    rule_kind: str
+    sandbox: SandboxSettings
+    start: dt.datetime
+    end: dt.datetime
+    span: dt.timedelta
+    request: ExportRequest
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def draw_faults(rng: random.Random, rule_kind: str) -> str:
+    kinds = rng.sample(RATE_KINDS, rng.randint(3, 7))
+    budget = rng.uniform(0.3, 0.6)
+    weights = [rng.random() + 0.1 for _ in kinds]
+    rates = [budget * w / sum(weights) for w in weights]
+    items = [f"{kind}={rate:.3f}" for kind, rate in zip(kinds, rates, strict=True)]
+    if rng.random() < 0.5:
+        items.append(f"token_error={rng.uniform(0.05, 0.2):.3f}")
+    rule = "token_error@1" if rule_kind == "token_error" else f"{rule_kind}@1"
+    items += [
+        rule,
+        f"stall_seconds={STALL_SECONDS}",
+        "first_byte_seconds=1.0",
+        f"retry_after={rng.choice([0, 1])}",
+        f"seed={rng.randrange(1 << 30)}",
+    ]
+    return ",".join(items)
+
+
+def draw_columns(rng: random.Random, end_inclusive: bool) -> tuple[str, ...]:
+    choice = rng.random()
+    if choice < 0.4:
+        return sfmc.DEFAULT_COLUMNS
+    if choice < 0.7:
+        return sfmc.COLUMNS  # Result.Messages: quotes, separators, line breaks
+    picked = rng.sample(sfmc.COLUMNS, rng.randint(2, 10))
+    if sfmc.TIME_COLUMN not in picked and (end_inclusive or rng.random() < 0.5):
+        # Without TransactionTime an inclusive end repeats boundary rows (README).
+        picked.insert(rng.randrange(len(picked) + 1), sfmc.TIME_COLUMN)
+    return tuple(picked)
+
+
+def draw_range(rng: random.Random) -> tuple[dt.datetime, dt.datetime, dt.timedelta]:
+    span = rng.choice([HOUR, HOUR, HOUR, HOUR / 2, dt.timedelta(minutes=20)])
+    hours = rng.randint(3, 5)
+    end = hour_now() - (2 + rng.randrange(72)) * HOUR
+    start = end - hours * HOUR
+    if rng.random() < 0.4:  # short first and last windows, odd milliseconds
+        start += dt.timedelta(minutes=rng.randint(1, 50), milliseconds=rng.randrange(1000))
+        end -= dt.timedelta(minutes=rng.randint(1, 50), milliseconds=rng.randrange(1000))
+    return start, end, span
+
+
+def draw_scenario(seed: int) -> Scenario:
+    rng = random.Random(f"chaos:{seed}")
+    rule_kind = RULE_KINDS[seed % len(RULE_KINDS)]
+    end_inclusive = rng.random() < 0.5
+    sandbox = SandboxSettings(
+        seed=rng.randrange(1000),
+        rows_per_hour=rng.randint(50, 300),
+        end_inclusive=end_inclusive,
+        empty_window=rng.choice(["header", "empty", "204"]),
+        newline=rng.choice(["lf", "crlf"]),
+        bom=rng.random() < 0.5,
+        transfer=rng.choice(["chunked", "length"]),
+        honour_accept_encoding=rng.random() < 0.8,
+        deflate_raw=rng.random() < 0.3,
+        token_lifetime_seconds=rng.choice([1080, 1080, 2]),
+        faults=parse_faults(draw_faults(rng, rule_kind)),
+    )
+    start, end, span = draw_range(rng)
+    request = ExportRequest(
+        format=rng.choice(["csv", "tsv"]),
+        columns=draw_columns(rng, end_inclusive),
+    )
+    options = {
+        "concurrency": rng.randint(2, 8),
+        "compression": rng.choice(["gzip", "deflate", "none"]),
+        "keep_parts": rng.random() < 0.2,
+        "estimate": rng.random() < 0.7,
+    }
+    return Scenario(seed, rule_kind, sandbox, start, end, span, request, options)
+
+
+async def export_until_complete(
+    sandbox: SandboxServer, scenario: Scenario, output: Path
+) -> list[ExportResult]:
+    settings = run_settings(
+        output,
+        scenario.start,
+        scenario.end,
+        request=scenario.request,
+        window=scenario.span,
+        retry=CHAOS_RETRY,
+        http=CHAOS_HTTP,
+        **scenario.options,
+    )
+    results: list[ExportResult] = []
+    while len(results) < MAX_RUNS:
+        result = await run_export(
+            settings, credentials_for(sandbox), hooks=Hooks(sleep=no_wait)
+        )
+        results.append(result)
+        if result.complete:
+            break
+    return results
+
+
+def truth(sandbox: SandboxServer, scenario: Scenario) -> bytes:
+    return expected_output(
+        sandbox.history,
+        scenario.start,
+        scenario.end,
+        span=scenario.span,
+        columns=scenario.request.columns,
+        fmt=scenario.request.format,
+        newline=sandbox.settings.line_ending,
+    )
+
+
+def has_rows(sandbox: SandboxServer, scenario: Scenario) -> bool:
+    """Whether the range holds a row: an all-empty range cannot tell its newline."""
+    rows = sandbox.history.expected(to_millis(scenario.start), to_millis(scenario.end))
+    return bool(rows)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_mixed_faults_end_in_the_exact_ground_truth(
+    tmp_path: Path, seed: int
+) -> None:
+    scenario = draw_scenario(seed)
+    output = tmp_path / f"chaos.{scenario.request.format}"
+    async with SandboxServer(scenario.sandbox) as sandbox:
+        assert has_rows(sandbox, scenario), scenario
+        with anyio.fail_after(60):
+            results = await export_until_complete(sandbox, scenario, output)
+        faults = dict(sandbox.stats.faults)
+
+    described = f"seed {seed}: {scenario}, faults {faults}, runs {len(results)}"
+    assert results[-1].complete, described
+    assert output.read_bytes() == truth(sandbox, scenario), described
+    paths = ExportPaths(output)
+    manifest = Manifest.load(paths.manifest)
+    assert manifest.complete and not paths.partial.exists()
+    first_attempts = 1 if scenario.rule_kind == "token_error" else len(manifest.windows)
+    assert faults.get(scenario.rule_kind, 0) >= first_attempts, described
