@@ -540,6 +540,11 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
         return times[name].astimezone(dt.UTC).strftime(pattern)
 
     rendered = _TEMPLATE_FIELD.sub(fill, template)
+    if "{" in rendered or "}" in rendered:
+        raise UsageError(
+            f"output template {template!r}: only {{start:FORMAT}} and {{end:FORMAT}} "
+            "are filled in (FORMAT as strftime, e.g. %Y%m%d)"
+        )
     path = Path(rendered)
     if "\0" in rendered or ".." in path.parts or not path.name:
         raise UsageError(

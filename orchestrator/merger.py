@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 from orchestrator.manifest import (
     DONE,
@@ -87,12 +88,14 @@ class Assembler:
         """Put windows back to pending so that this run requests them again.
 
         Their rows leave the output: it is cut back to where the first of them began
-        (a published output is first moved back to the partial name). Returns how
-        many windows were reopened.
+        (a published output is first moved back to the partial name), and the
+        windows after that point are put back into part files, to be appended again
+        without being downloaded again. Returns how many windows were reopened.
         """
         reopen = [r for r in records if r.state != PENDING]
         if not reopen:
             return 0
+        self.paths.parts.mkdir(parents=True, exist_ok=True)
         if self.manifest.complete:
             os.replace(self.paths.output, self.paths.partial)
             self.manifest.complete = False
@@ -101,7 +104,7 @@ class Assembler:
             r.offset for r in reopen if r.state == MERGED and r.offset is not None
         ]
         if offsets:
-            self._cut_partial(min(offsets))
+            self._cut_partial(min(offsets), reopen)
         for record in reopen:
             self.paths.part(record.window).unlink(missing_ok=True)
             record.state, record.provisional = PENDING, False
@@ -109,12 +112,33 @@ class Assembler:
         self._reconcile_parts()
         return len(reopen)
 
-    def _cut_partial(self, offset: int) -> None:
+    def _cut_partial(self, offset: int, reopen: list[WindowRecord]) -> None:
+        merged = [r for r in self.manifest.windows if r.state == MERGED]
+        ends = [r.offset or 0 for r in merged[1:]] + [self.manifest.merged_bytes]
+        with self.paths.partial.open("rb") as partial:
+            for record, end in zip(merged, ends, strict=True):
+                if (record.offset or 0) < offset:
+                    continue
+                if record not in reopen:
+                    self._extract(partial, record, end)
+                record.state, record.offset = DONE, None
         os.truncate(self.paths.partial, offset)
         self.manifest.merged_bytes = offset
-        for record in self.manifest.windows:
-            if record.state == MERGED and (record.offset or 0) >= offset:
-                record.state, record.offset = DONE, None
+
+    def _extract(self, partial: BinaryIO, record: WindowRecord, end: int) -> None:
+        """Copy a merged window's rows back out of the output into its part file."""
+        partial.seek(end - record.bytes)
+        part = self.paths.part(record.window)
+        with open_private(part) as target:
+            remaining = record.bytes
+            while remaining:
+                block = partial.read(min(remaining, 1 << 20))
+                if not block:
+                    break  # shorter than recorded: the checksum check rejects it
+                target.write(block)
+                remaining -= len(block)
+            target.flush()
+            os.fsync(target.fileno())
 
     def ready(self) -> list[Path]:
         """Parts that can be appended now, in window order."""

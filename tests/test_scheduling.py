@@ -1,0 +1,288 @@
+"""Unattended runs: relative times, local days, incremental runs, budgets, reports."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import build_settings
+from orchestrator.errors import UsageError
+from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.reporting import Progress, progress_line
+from orchestrator.sandbox import History
+from tests.conftest import HOUR, expected_output, hour_now
+from tests.test_cli import env_for, journey_export, start_sandbox
+
+NOW = dt.datetime(2026, 11, 20, 12, 34, 56, tzinfo=dt.UTC)
+
+
+def settings(**options: object) -> object:
+    return build_settings({"output": "o.csv", **options}, {}, now=NOW)
+
+
+def test_last_counts_back_from_end() -> None:
+    built = build_settings({"output": "o", "last": "6h"}, {}, now=NOW)
+
+    assert (built.start, built.end) == (NOW - 6 * HOUR, NOW)
+
+
+def test_last_and_start_together_are_refused() -> None:
+    with pytest.raises(UsageError, match="keep one"):
+        build_settings({"output": "o", "last": "6h", "start": "-1h"}, {}, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("day", "hours"),
+    [("2026-03-29", 23), ("2026-10-25", 25), ("2026-06-01", 24)],
+)
+def test_local_days_across_daylight_saving_are_23_or_25_hours(
+    day: str, hours: int
+) -> None:
+    following = (dt.date.fromisoformat(day) + dt.timedelta(days=1)).isoformat()
+    built = build_settings(
+        {"output": "o", "start": day, "end": following, "tz": "Europe/Paris"},
+        {},
+        now=NOW,
+    )
+
+    assert built.end - built.start == hours * HOUR
+    assert built.start.utcoffset() == dt.timedelta(0)
+
+
+def test_unknown_zone_is_named() -> None:
+    with pytest.raises(UsageError, match="Mars/Olympus"):
+        build_settings(
+            {"output": "o", "start": "today", "tz": "Mars/Olympus"}, {}, now=NOW
+        )
+
+
+def test_output_template_is_filled_with_utc_times() -> None:
+    built = build_settings(
+        {
+            "output": "exports/journey_{start:%Y%m%d}_{end:%H}.csv.gz",
+            "start": "2026-11-03",
+            "end": "2026-11-04T06:00:00Z",
+        },
+        {},
+        now=NOW,
+    )
+
+    assert str(built.output) == "exports/journey_20261103_06.csv.gz"
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["../{start:%Y}/x.csv", "out/{start.__class__}", "out/{0}", "x/{start:%Y}/../../y"],
+)
+def test_templates_that_escape_or_inject_are_refused(template: str) -> None:
+    with pytest.raises(UsageError, match="output"):
+        build_settings(
+            {"output": template, "start": "2026-11-03", "end": "2026-11-04"},
+            {},
+            now=NOW,
+        )
+
+
+def test_progress_line_shows_the_counts() -> None:
+    progress = Progress(windows=10, finished=4, rows=1234, bytes=5_000_000)
+    progress.finished_this_run = 4
+    progress.stats.retries = 2
+    progress.stats.throttled = 1
+
+    line = progress_line(progress, concurrency=5)
+
+    assert line.startswith("windows 4/10 | 1,234 rows | 5.0 MB |")
+    assert "retries 2 | throttled 1 | concurrency 5" in line
+
+
+@pytest.fixture
+def sandbox_port() -> object:
+    process, port = start_sandbox("rows_per_hour=40", "first_byte_seconds=0.05")
+    yield port
+    process.terminate()
+    process.wait(10)
+
+
+def test_since_last_continues_where_the_last_export_ended(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    env = env_for(sandbox_port)
+    template = str(tmp_path / "journey_{start:%Y%m%dT%H%M}.csv")
+    first_start = (hour_now() - 6 * HOUR).isoformat()
+
+    refused = journey_export("run", "--since-last", "--output", template, env=env)
+    assert refused.returncode == 2
+    assert "give --start for the first run" in refused.stderr
+
+    first = journey_export(
+        "run", "--since-last", "--start", first_start, "--output", template, env=env
+    )
+    assert first.returncode == 0, first.stderr
+    state = json.loads((tmp_path / "journey-export.state.json").read_text())
+    (entry,) = state.values()
+    end = dt.datetime.fromisoformat(entry["end"])
+    assert dt.timedelta(minutes=19) <= dt.datetime.now(dt.UTC) - end <= HOUR
+
+    second = journey_export("run", "--since-last", "--output", template, env=env)
+    assert second.returncode == 0, second.stderr
+    outputs = sorted(tmp_path.glob("journey_*.csv"))
+    assert len(outputs) in (1, 2)  # a second file when a minute has passed
+    if len(outputs) == 2:
+        assert outputs[1].name == f"journey_{end:%Y%m%dT%H%M}.csv"
+
+
+def test_max_duration_stops_with_exit_5_and_the_rerun_finishes(
+    tmp_path: Path,
+) -> None:
+    process, port = start_sandbox("rows_per_hour=40", "first_byte_seconds=0.5")
+    end = hour_now() - 2 * HOUR
+    args = [
+        "run",
+        "--start",
+        (end - 12 * HOUR).isoformat(),
+        "--end",
+        end.isoformat(),
+        "--output",
+        str(tmp_path / "o.csv"),
+        "--concurrency",
+        "1",
+        "--no-estimate",
+    ]
+    try:
+        paused = journey_export(*args, "--max-duration", "1s", env=env_for(port))
+        assert paused.returncode == 5, paused.stderr
+        assert "time budget spent" in paused.stdout
+        manifest = Manifest.load(ExportPaths(tmp_path / "o.csv").manifest)
+        assert 0 < manifest.counts()["merged"] < 12
+
+        done = journey_export(*args, env=env_for(port))
+        assert done.returncode == 0, done.stderr
+    finally:
+        process.terminate()
+        process.wait(10)
+
+    history = History(7, 40)
+    assert (tmp_path / "o.csv").read_bytes() == expected_output(
+        history, end - 12 * HOUR, end
+    )
+
+
+def test_redo_requests_a_range_again_and_reports_are_written(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    end = hour_now() - 2 * HOUR
+    output = tmp_path / "o.csv"
+    args = [
+        "run",
+        "--start",
+        (end - 4 * HOUR).isoformat(),
+        "--end",
+        end.isoformat(),
+        "--output",
+        str(output),
+    ]
+    env = env_for(sandbox_port)
+    assert journey_export(*args, env=env).returncode == 0
+    first = output.read_bytes()
+
+    redo = f"{(end - 3 * HOUR).isoformat()}/{(end - 2 * HOUR).isoformat()}"
+    report, prom = tmp_path / "r.json", tmp_path / "m.prom"
+    done = journey_export(
+        "--log-format",
+        "json",
+        *args,
+        "--redo",
+        redo,
+        "--report",
+        str(report),
+        "--prometheus",
+        str(prom),
+        env=env,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert output.read_bytes() == first
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(events[0])
+    redone = [e for e in events if e.get("event") == "window_done"]
+    assert len(redone) == 1
+    assert redone[0]["window"].startswith((end - 3 * HOUR).strftime("%Y-%m-%dT%H"))
+    summary = json.loads(report.read_text())
+    assert summary["exit_code"] == 0 and summary["windows"] == 4
+    assert summary["failed"] == []
+    assert 'journey_export_last_run_success{output="' in prom.read_text()
+
+
+def test_status_prints_an_aligned_table(tmp_path: Path, sandbox_port: int) -> None:
+    end = hour_now() - 2 * HOUR
+    output = tmp_path / "o.csv"
+    journey_export(
+        "run",
+        "--start",
+        (end - 2 * HOUR).isoformat(),
+        "--end",
+        end.isoformat(),
+        "--output",
+        str(output),
+        env=env_for(sandbox_port),
+    )
+
+    lines = journey_export("status", "--output", str(output)).stdout.splitlines()
+
+    assert lines[0].split() == [
+        "window",
+        "state",
+        "attempts",
+        "rows",
+        "bytes",
+        "last",
+        "error",
+    ]
+    assert lines[1].index("merged") == lines[0].index("state")
+    assert lines[-1].startswith("complete: 2 windows (2 merged)")
+
+
+def test_progress_is_drawn_only_on_a_terminal(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    end = hour_now() - 2 * HOUR
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "run",
+        "--start",
+        (end - 2 * HOUR).isoformat(),
+        "--end",
+        end.isoformat(),
+        "--output",
+        str(tmp_path / "o.csv"),
+    ]
+    piped = subprocess.run(
+        args, env=env_for(sandbox_port), capture_output=True, text=True, check=False
+    )
+    assert "\r" not in piped.stderr
+    assert "window " in piped.stderr  # INFO lines when nobody watches
+
+    script = tmp_path / "with_terminal.py"
+    script.write_text(
+        "import os, pty, sys\n"
+        "code = pty.spawn(sys.argv[1:])\n"
+        "sys.exit(os.waitstatus_to_exitcode(code))\n"
+    )
+    shown = subprocess.run(
+        [sys.executable, str(script), *args[:-1], str(tmp_path / "p.csv")],
+        env={**env_for(sandbox_port), "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert shown.returncode == 0, shown.stdout
+    assert b"\r\x1b[Kwindows " in shown.stdout
+    assert os.path.exists(tmp_path / "p.csv")
