@@ -93,6 +93,8 @@ class TokenSource:
             async with self._session.post(url, json=self._token_body()) as response:
                 answer = await _read_json(response)
                 status = response.status
+        except aiohttp.ClientConnectorCertificateError as error:
+            raise untrusted(str(urlsplit(url).hostname), error) from None
         except (aiohttp.ClientError, TimeoutError) as error:
             logger.warning("token request failed (%s); retrying", type(error).__name__)
             raise RetryableError(f"token endpoint unreachable: {error}") from None
@@ -145,6 +147,16 @@ async def _read_json(response: aiohttp.ClientResponse) -> dict[str, Any]:
     return answer if isinstance(answer, dict) else {}
 
 
+def untrusted(host: str, error: aiohttp.ClientConnectorCertificateError) -> UsageError:
+    """The error for a server whose TLS certificate does not verify."""
+    reason = getattr(error.certificate_error, "verify_message", None) or "not trusted"
+    return UsageError(
+        f"the TLS certificate of {host} does not verify ({reason}); "
+        "if your network inspects TLS, give its CA with --ca-bundle FILE or "
+        "SSL_CERT_FILE"
+    )
+
+
 def is_loopback(host: str | None) -> bool:
     """Whether ``host`` names this machine (localhost or a loopback address)."""
     if host is None:
@@ -174,7 +186,7 @@ def check_rest_url(url: str, allowed_domains: tuple[str, ...]) -> None:
     """Refuse a REST base URL that would carry the token off Marketing Cloud."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if parts.scheme == "http" and is_loopback(host):
+    if parts.scheme in ("http", "https") and is_loopback(host):
         return
     on_allowed = any(host == d or host.endswith("." + d) for d in allowed_domains)
     if parts.scheme == "https" and on_allowed:

@@ -14,8 +14,8 @@ import logging
 import re
 import time
 import zlib
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from orchestrator import sfmc
-from orchestrator.auth import TokenSource
+from orchestrator.auth import TokenSource, untrusted
 from orchestrator.config import ExportRequest
 from orchestrator.errors import (
     PermanentError,
@@ -124,13 +124,22 @@ class JourneyHistoryClient:
 
     async def download(self, window: Window, path: Path) -> PartInfo:
         """Stream ``window`` into ``path`` (a temporary name); raise a WindowError."""
-        try:
+        with self._translated(window):
             return await self._download(window, path)
+        raise AssertionError("unreachable: _translated reraises")
+
+    @contextmanager
+    def _translated(self, window: Window | None = None) -> Iterator[None]:
+        """Turn aiohttp's exceptions into WindowErrors, with contact keys redacted."""
+        try:
+            yield
         except WindowError as error:
-            error.window = error.window or window.key
+            error.window = error.window or (window.key if window else None)
             error.message = self._redact(error.message)
             error.args = (error.message,)
             raise
+        except aiohttp.ClientConnectorCertificateError as error:
+            raise untrusted(str(error.host), error) from None
         except aiohttp.ClientPayloadError as error:
             raise RetryableError(f"the body was cut short ({error})") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as error:
@@ -209,16 +218,20 @@ class JourneyHistoryClient:
 
     async def estimate(self, window: Window) -> Estimate | None:
         """Ask for the window's estimated rows and sizes; None if unreadable."""
-        async with self._call("POST", sfmc.ESTIMATE_PATH, window=window) as response:
-            await _raise_for_status(response)
-            answer = await _read_json(response)
+        with self._translated(window):
+            async with self._call(
+                "POST", sfmc.ESTIMATE_PATH, window=window
+            ) as response:
+                await _raise_for_status(response)
+                answer = await _read_json(response)
         return _parse_estimate(answer)
 
     async def freshness(self) -> float | None:
         """The history lag in seconds, or None when the answer cannot be read."""
-        async with self._call("GET", sfmc.FRESHNESS_PATH) as response:
-            await _raise_for_status(response)
-            answer = await _read_json(response)
+        with self._translated():
+            async with self._call("GET", sfmc.FRESHNESS_PATH) as response:
+                await _raise_for_status(response)
+                answer = await _read_json(response)
         return _first_number(answer, _LAG_KEYS)
 
     def _accept_encoding(self) -> str:

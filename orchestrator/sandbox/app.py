@@ -66,7 +66,7 @@ class SandboxApp:
         self.base_url = "http://127.0.0.1/"
         self._now_ms = now_ms
         self.history = self._history(settings)
-        self._tokens = TokenStore(clock)
+        self.tokens = TokenStore(clock)
         self._injector = FaultInjector(settings.faults)
         self._bodies: Lru[Window] = Lru(BODY_CACHE_BYTES, lambda w: len(w.body))
 
@@ -90,7 +90,7 @@ class SandboxApp:
 
     def revoke_tokens(self) -> None:
         """Invalidate every token handed out so far."""
-        self._tokens.revoke_all()
+        self.tokens.revoke_all()
 
     def build(self) -> web.Application:
         """The aiohttp application serving the sandbox."""
@@ -120,14 +120,14 @@ class SandboxApp:
             return web.json_response(refusal.document(), status=refusal.status)
 
         lifetime = settings.token_lifetime_seconds
-        token = self._tokens.issue(lifetime)
+        token = self.tokens.issue(lifetime)
         return web.json_response(
             {
                 "access_token": token,
                 "token_type": "Bearer",
                 "expires_in": lifetime,
                 "scope": (body or {}).get("scope") or SCOPE,
-                "rest_instance_url": self.base_url,
+                "rest_instance_url": settings.rest_url_override or self.base_url,
                 "soap_instance_url": self.base_url + "soap/",
             }
         )
@@ -292,7 +292,7 @@ class SandboxApp:
             await asyncio.sleep(delay)
 
     def _token(self, request: web.Request) -> str | None:
-        return self._tokens.bearer(request.headers.get("Authorization", ""))
+        return self.tokens.bearer(request.headers.get("Authorization", ""))
 
     def _call_refusal(self, request: web.Request) -> web.Response | None:
         token = self._token(request)
@@ -309,7 +309,7 @@ class SandboxApp:
 
     def _fault_answer(self, fault: str | None, token: str) -> web.Response:
         if fault == "token_revoked":
-            self._tokens.revoke(token)
+            self.tokens.revoke(token)
 
         retry_after = self.settings.faults.retry_after_seconds
         return _answer(fault_answer(str(fault), retry_after=retry_after))

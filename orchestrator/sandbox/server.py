@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -42,8 +43,10 @@ class SandboxServer:
         now_ms: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         allow_remote: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         check_host(host, allow_remote=allow_remote)
+        self._ssl_context = ssl_context
         self._app = SandboxApp(
             settings or SandboxSettings(), now_ms=now_ms, clock=clock
         )
@@ -72,11 +75,14 @@ class SandboxServer:
             shutdown_timeout=SHUTDOWN_SECONDS,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
+        site = web.TCPSite(
+            runner, self._host, self._port, ssl_context=self._ssl_context
+        )
         await site.start()
         self._runner = runner
         self._port = runner.addresses[0][1]
-        self._app.base_url = f"http://{_url_host(self._host)}:{self._port}/"
+        scheme = "https" if self._ssl_context else "http"
+        self._app.base_url = f"{scheme}://{_url_host(self._host)}:{self._port}/"
         logger.debug("sandbox listening on %s", self.auth_url)
 
     async def close(self) -> None:
@@ -125,6 +131,11 @@ class SandboxServer:
     def revoke_tokens(self) -> None:
         """Invalidate every token handed out so far."""
         self._app.revoke_tokens()
+
+    @property
+    def issued_tokens(self) -> list[str]:
+        """Every token handed out, for tests that look for leaks."""
+        return list(self._app.tokens.issued)
 
     def expected_bytes(
         self,

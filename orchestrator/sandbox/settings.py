@@ -47,6 +47,8 @@ class SandboxSettings:
     bandwidth_bytes_per_second: per connection, for download bodies.
     estimate_shape, freshness_shape: field names "a" or "b", or unparseable.
     cache_megabytes: memory for rendered hours; raise it for large benchmarks.
+    rest_url_override: the rest_instance_url the token answer gives instead of
+    the sandbox's own (to play a tampered answer).
     """
 
     seed: int = 7
@@ -71,6 +73,7 @@ class SandboxSettings:
     estimate_shape: Shape = "a"
     freshness_shape: Shape = "a"
     cache_megabytes: int = 256
+    rest_url_override: str | None = None
     faults: FaultSettings = field(default_factory=FaultSettings)
 
     def __post_init__(self) -> None:

@@ -52,6 +52,7 @@ class TokenStore:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._expiries: dict[str, float] = {}
+        self.issued: list[str] = []
 
     def issue(self, lifetime_seconds: float) -> str:
         """A new random token, valid for `lifetime_seconds`."""
@@ -59,6 +60,7 @@ class TokenStore:
         self._expiries = {key: end for key, end in self._expiries.items() if end > now}
         token = secrets.token_urlsafe(32)
         self._expiries[token] = now + lifetime_seconds
+        self.issued.append(token)
         return token
 
     def bearer(self, authorization: str) -> str | None:

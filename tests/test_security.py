@@ -1,0 +1,317 @@
+"""Secrets, personal data, transport and hostile input."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+from orchestrator.auth import check_rest_url
+from orchestrator.config import (
+    Credentials,
+    ExportRequest,
+    HttpSettings,
+    load_config,
+    load_credentials,
+    read_contact_keys,
+)
+from orchestrator.errors import UsageError
+from orchestrator.export import run_export
+from orchestrator.manifest import ExportPaths
+from orchestrator.sandbox import SandboxServer, SandboxSettings
+from tests.conftest import (
+    HOUR,
+    credentials_for,
+    find_range_with_empty_hour,
+    hour_now,
+    run_settings,
+)
+from tests.test_cli import env_for, start_sandbox
+
+SECRET = "S3cr3t-Do-Not-Leak-7f1e9a0c"
+
+
+def every_file(root: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+async def test_no_secret_or_token_in_logs_or_files_at_debug(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    keys = tmp_path / "keys.txt"
+    settings = SandboxSettings(rows_per_hour=50, client_secret=SECRET)
+    async with SandboxServer(settings) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        contact = sandbox.history.expected(
+            int(start.timestamp() * 1000), int((start + 4 * HOUR).timestamp() * 1000)
+        )[0][4]
+        keys.write_text(contact + "\n")
+        request = ExportRequest(contact_keys=(contact,))
+        output = tmp_path / "out" / "o.csv"
+        await run_export(
+            run_settings(output, start, start + 4 * HOUR, request=request),
+            credentials_for(sandbox),
+        )
+        await run_export(
+            run_settings(output, start, start + 4 * HOUR, request=request),
+            credentials_for(sandbox),
+        )
+        tokens = sandbox.issued_tokens
+
+    assert tokens
+    logged = caplog.text + "".join(repr(r.__dict__) for r in caplog.records)
+    files = every_file(tmp_path / "out")
+    for needle in [SECRET, *tokens]:
+        assert needle not in logged
+        for path, data in files.items():
+            assert needle.encode() not in data, path
+    assert contact not in logged
+    manifest = ExportPaths(output).manifest.read_bytes()
+    assert contact.encode() not in manifest
+
+
+def test_cli_at_debug_leaks_nothing_and_secrets_stay_out_of_argv(
+    tmp_path: Path,
+) -> None:
+    process, port = start_sandbox(
+        f"client_secret={SECRET}", "rows_per_hour=50", "first_byte_seconds=0.3"
+    )
+    end = hour_now() - 2 * HOUR
+    env = {**env_for(port), "SFMC_CLIENT_SECRET": SECRET}
+    report = tmp_path / "report.json"
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "--log-level",
+        "DEBUG",
+        "run",
+        "--start",
+        (end - 4 * HOUR).isoformat(),
+        "--end",
+        end.isoformat(),
+        "--output",
+        str(tmp_path / "o.csv"),
+        "--report",
+        str(report),
+        "--concurrency",
+        "1",
+    ]
+    try:
+        run = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        time.sleep(0.8)
+        argv = Path(f"/proc/{run.pid}/cmdline").read_bytes()
+        out, err = run.communicate(timeout=60)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+    assert run.returncode == 0, err
+    assert SECRET.encode() not in argv
+    assert SECRET.encode() not in out + err
+    assert b"Bearer" not in err
+    for path, data in every_file(tmp_path).items():
+        assert SECRET.encode() not in data, path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_shared_config_and_credentials_files_draw_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secrets_file = tmp_path / "sfmc.env"
+    secrets_file.write_text(
+        f"SFMC_CLIENT_ID=id\nSFMC_CLIENT_SECRET={SECRET}\n"
+        "SFMC_AUTH_URL=https://x.auth.marketingcloudapis.com\n"
+    )
+    config = tmp_path / "c.toml"
+    config.write_text(f'[credentials]\nfile = "{secrets_file}"\n')
+    os.chmod(secrets_file, 0o644)
+    os.chmod(config, 0o640)
+
+    credentials = load_credentials({}, load_config(config), config)
+
+    assert credentials.client_secret == SECRET
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(secrets_file) in w and "chmod 600" in w for w in warnings)
+    assert any(str(config) in w for w in warnings)
+    assert all(SECRET not in w for w in warnings)
+
+
+def test_environment_wins_over_the_credentials_file(tmp_path: Path) -> None:
+    secrets_file = tmp_path / "sfmc.env"
+    secrets_file.write_text("SFMC_CLIENT_ID=file\nSFMC_CLIENT_SECRET=file\n")
+    os.chmod(secrets_file, 0o600)
+    config = {"credentials": {"file": str(secrets_file)}}
+    env = {"SFMC_CLIENT_ID": "env", "SFMC_AUTH_URL": "https://a.example.com"}
+
+    credentials = load_credentials(env, config)
+
+    assert (credentials.client_id, credentials.client_secret) == ("env", "file")
+
+
+def test_a_credentials_file_with_a_stray_line_names_the_line(tmp_path: Path) -> None:
+    secrets_file = tmp_path / "sfmc.env"
+    secrets_file.write_text("SFMC_CLIENT_ID=x\npassword hunter2\n")
+
+    with pytest.raises(UsageError, match="line 2") as caught:
+        load_credentials({}, {"credentials": {"file": str(secrets_file)}})
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://auth.example.com", "ftp://127.0.0.1", "http://10.0.0.1:8080"],
+)
+async def test_plain_http_credentials_go_only_to_loopback(
+    tmp_path: Path, url: str
+) -> None:
+    credentials = Credentials("id", SECRET, url)
+    start = hour_now() - 5 * HOUR
+    with pytest.raises(UsageError, match="SFMC_AUTH_URL") as caught:
+        await run_export(
+            run_settings(tmp_path / "o.csv", start, start + HOUR), credentials
+        )
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "tampered",
+    [
+        "https://attacker.example.net/",
+        "http://mc123.rest.marketingcloudapis.com/",
+        "https://marketingcloudapis.com.attacker.net/",
+    ],
+)
+async def test_a_tampered_rest_url_never_gets_the_token(
+    tmp_path: Path, tampered: str
+) -> None:
+    settings = SandboxSettings(rows_per_hour=10, rest_url_override=tampered)
+    async with SandboxServer(settings) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        with pytest.raises(UsageError, match="refusing to send the token"):
+            await run_export(
+                run_settings(tmp_path / "o.csv", start, start + HOUR),
+                credentials_for(sandbox),
+            )
+        assert sum(sandbox.stats.downloads.values()) == 0
+
+
+def test_allowed_domains_widen_the_trusted_rest_hosts() -> None:
+    domains = ("marketingcloudapis.com", "example.org")
+
+    check_rest_url("https://mc.rest.example.org/", domains)
+    check_rest_url("https://mc1.rest.marketingcloudapis.com/", domains)
+    with pytest.raises(UsageError, match="--allow-domain"):
+        check_rest_url("https://mc.rest.example.org.evil.net/", domains)
+
+
+@pytest.fixture(scope="module")
+def authority() -> trustme.CA:
+    return trustme.CA()
+
+
+def tls_server_context(authority: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+async def test_tls_is_verified_and_a_ca_bundle_is_honoured(
+    tmp_path: Path, authority: trustme.CA
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    server = SandboxServer(
+        SandboxSettings(rows_per_hour=20), ssl_context=tls_server_context(authority)
+    )
+    async with server as sandbox:
+        assert sandbox.auth_url.startswith("https://127.0.0.1:")
+        start = find_range_with_empty_hour(sandbox.history)
+        end = start + 2 * HOUR
+
+        with pytest.raises(UsageError, match=r"does not verify.*--ca-bundle"):
+            await run_export(
+                run_settings(tmp_path / "a.csv", start, end), credentials_for(sandbox)
+            )
+
+        http = HttpSettings(ca_bundle=str(bundle))
+        result = await run_export(
+            run_settings(tmp_path / "b.csv", start, end, http=http),
+            credentials_for(sandbox),
+        )
+    assert result.complete
+
+
+def test_ssl_cert_file_is_honoured(tmp_path: Path, authority: trustme.CA) -> None:
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    code = (
+        "import ssl, sys; ctx = ssl.create_default_context();"
+        "sys.exit(0 if ctx.cert_store_stats()['x509_ca'] >= 1 else 1)"
+    )
+    env = {**os.environ, "SSL_CERT_FILE": str(bundle)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, check=False)
+    assert done.returncode == 0
+
+
+def test_contact_keys_file_with_enormous_or_control_lines_is_refused(
+    tmp_path: Path,
+) -> None:
+    huge = tmp_path / "huge.txt"
+    huge.write_text("ok\n" + "k" * 5000 + "\n")
+    odd = tmp_path / "odd.txt"
+    odd.write_bytes(b"ok\nbad\x00key\n")
+
+    with pytest.raises(UsageError, match="key 2 is longer") as caught:
+        read_contact_keys(huge)
+    assert "kkkk" not in str(caught.value)
+    with pytest.raises(UsageError, match="key 2"):
+        read_contact_keys(odd)
+
+
+def test_config_of_the_wrong_types_is_refused_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[export]\ncolumns = 5\n[retry]\nmax_attempts = "x"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "export.columns must be a list" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_an_endless_body_is_bounded_by_the_cap(tmp_path: Path) -> None:
+    settings = SandboxSettings(rows_per_hour=400)
+    async with SandboxServer(settings) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        result = await run_export(
+            run_settings(
+                tmp_path / "o.csv",
+                start,
+                start + HOUR,
+                cap_bytes=2_000,
+                estimate=False,
+                compression="none",
+                min_window=dt.timedelta(minutes=30),
+            ),
+            credentials_for(sandbox),
+        )
+    assert not result.complete
+    assert all("cannot be split further" in e for e in result.failed.values())
