@@ -19,7 +19,7 @@ import anyio
 import tenacity
 
 from orchestrator import sfmc
-from orchestrator.config import Credentials
+from orchestrator.credentials import Credentials
 from orchestrator.errors import CredentialsError, RetryableError, UsageError
 
 logger = logging.getLogger(__name__)

@@ -13,14 +13,9 @@ from typing import Any, TypeVar
 import anyio
 
 from orchestrator import sfmc
-from orchestrator.config import (
-    Credentials,
-    RunSettings,
-    build_request,
-    build_settings,
-    load_config,
-    load_credentials,
-)
+from orchestrator.config import RunSettings, build_request, build_settings
+from orchestrator.configfile import load_config
+from orchestrator.credentials import Credentials, load_credentials
 from orchestrator.download import Estimate
 from orchestrator.errors import ExitCode, JourneyExportError, UsageError
 from orchestrator.export import (

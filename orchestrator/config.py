@@ -1,4 +1,4 @@
-"""Build a run's settings once, from the TOML config, the flags and the environment.
+"""Build a run's settings once, from the TOML config and the flags.
 
 Flags override the config file; credentials come only from the environment. Every
 problem is a ``UsageError`` naming the file, the key or the flag, and what is allowed.
@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import difflib
 import hashlib
 import logging
-import os
 import re
-import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator import sfmc
+from orchestrator.configfile import suggest
 from orchestrator.errors import UsageError
 from orchestrator.planner import MAX_SPAN, MIN_SPAN
 from orchestrator.timeparse import load_zone, parse_duration, parse_time
@@ -27,61 +25,10 @@ from orchestrator.timeparse import load_zone, parse_duration, parse_time
 MAX_CONCURRENCY = 64
 COMPRESSIONS = ("gzip", "deflate", "none")
 _T = TypeVar("_T")
+
 logger = logging.getLogger(__name__)
 
 # The config file's keys by section, each with the type its value must have.
-CONFIG_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "export": {
-        "start": str,
-        "end": str,
-        "output": str,
-        "format": str,
-        "columns": list,
-        "window": str,
-        "concurrency": int,
-        "compression": str,
-        "keep_parts": bool,
-        "allow_unknown_values": bool,
-        "estimate": bool,
-        "safety_cap_mb": (int, float),
-        "min_window": str,
-        "retained_only": bool,
-        "history_lag_fallback_seconds": (int, float),
-        "tz": str,
-        "last": str,
-        "max_duration": str,
-        "state_file": str,
-    },
-    "filters": {
-        "statuses": list,
-        "activity_types": list,
-        "definition_ids": list,
-        "definition_instance_ids": list,
-        "activity_ids": list,
-        "contact_keys_file": str,
-    },
-    "retry": {
-        "max_attempts": int,
-        "max_wait_seconds": (int, float),
-        "backoff_initial_seconds": (int, float),
-        "backoff_max_seconds": (int, float),
-    },
-    "http": {
-        "connect_timeout_seconds": (int, float),
-        "read_timeout_seconds": (int, float),
-        "ca_bundle": str,
-        "allowed_domains": list,
-    },
-    "credentials": {
-        "file": str,
-    },
-}
-CREDENTIAL_NAMES = (
-    "SFMC_CLIENT_ID",
-    "SFMC_CLIENT_SECRET",
-    "SFMC_AUTH_URL",
-    "SFMC_ACCOUNT_ID",
-)
 MAX_KEY_LENGTH = 1024
 
 
@@ -138,16 +85,6 @@ class HttpSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Credentials:
-    """Client credentials from the environment; the secret never shows in a repr."""
-
-    client_id: str
-    client_secret: str = field(repr=False)
-    auth_url: str
-    account_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class RunSettings:
     """Everything one export needs, built once and passed down."""
 
@@ -172,73 +109,6 @@ class RunSettings:
     http: HttpSettings = HttpSettings()
 
 
-def load_config(path: Path | None) -> dict[str, dict[str, Any]]:
-    """Read and check a TOML config; an absent path gives an empty config."""
-    if path is None:
-        return {}
-
-    try:
-        with path.open("rb") as stream:
-            data = tomllib.load(stream)
-    except FileNotFoundError:
-        raise UsageError(f"config {path}: no such file") from None
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise UsageError(f"config {path}: cannot be read as TOML: {error}") from None
-
-    _check_config(path, data)
-    return data
-
-
-def _check_config(path: Path, data: Mapping[str, Any]) -> None:
-    for section, values in data.items():
-        if section == "sandbox":
-            continue  # the sandbox command checks its own table
-        if section not in CONFIG_KEYS:
-            raise UsageError(
-                f"config {path}: unknown section [{section}]"
-                f"{_suggest(section, CONFIG_KEYS)}; "
-                f"allowed: {', '.join(CONFIG_KEYS)}"
-            )
-        if not isinstance(values, dict):
-            raise UsageError(f"config {path}: [{section}] must be a table")
-
-        for key, value in values.items():
-            _check_config_value(path, section, key, value)
-
-
-def _check_config_value(path: Path, section: str, key: str, value: Any) -> None:
-    allowed = CONFIG_KEYS[section]
-    if key not in allowed:
-        raise UsageError(
-            f"config {path}: unknown key {section}.{key}{_suggest(key, allowed)}; "
-            f"allowed in [{section}]: {', '.join(allowed)}"
-        )
-
-    expected = allowed[key]
-    wrong_bool = isinstance(value, bool) and expected is not bool
-    if wrong_bool or not isinstance(value, expected):
-        names = expected if isinstance(expected, tuple) else (expected,)
-        wanted = " or ".join(_TOML_TYPE_NAMES[kind] for kind in names)
-        raise UsageError(
-            f"config {path}: {section}.{key} must be {wanted}, "
-            f"not {type(value).__name__} {value!r}"
-        )
-
-
-_TOML_TYPE_NAMES = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "true or false",
-    list: "a list",
-}
-
-
-def _suggest(value: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(value, list(choices), n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
-
-
 def check_choices(
     values: Sequence[str],
     allowed: Sequence[str],
@@ -258,89 +128,11 @@ def check_choices(
             checked.append(value)
         else:
             raise UsageError(
-                f"{name} {value!r} is not documented{_suggest(value, allowed)}; "
+                f"{name} {value!r} is not documented{suggest(value, allowed)}; "
                 f"see 'journey-export values {name}', or pass "
                 "--allow-unknown-values to send it anyway"
             )
     return tuple(checked)
-
-
-def load_credentials(
-    env: Mapping[str, str],
-    config: Mapping[str, Mapping[str, Any]],
-    config_path: Path | None = None,
-) -> Credentials:
-    """Credentials from the environment, completed by ``credentials.file`` if named.
-
-    A config or credentials file that other users can read draws a warning.
-    """
-    if config_path is not None:
-        warn_if_shared(config_path)
-    name = config.get("credentials", {}).get("file")
-    if not name:
-        return credentials_from_env(env)
-
-    path = Path(name).expanduser()
-    warn_if_shared(path)
-    return credentials_from_env({**read_credentials_file(path), **env})
-
-
-def warn_if_shared(path: Path) -> None:
-    """Warn when ``path`` is readable or writable by users other than its owner."""
-    try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:
-        return
-    if mode & 0o077:
-        logger.warning(
-            "%s is open to other users (mode %o); run: chmod 600 %s", path, mode, path
-        )
-
-
-def read_credentials_file(path: Path) -> dict[str, str]:
-    """Read ``NAME=value`` lines (SFMC_CLIENT_ID ...); values are never shown."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise UsageError(f"credentials file {path}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"credentials file {path}: not UTF-8 text") from None
-
-    found: dict[str, str] = {}
-    for number, line in enumerate(lines, start=1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        key, sep, value = text.partition("=")
-        key = key.strip().removeprefix("export ").strip()
-        if not sep or key not in CREDENTIAL_NAMES:
-            raise UsageError(
-                f"credentials file {path}, line {number}: expected NAME=value with "
-                f"NAME one of {', '.join(CREDENTIAL_NAMES)}"
-            )
-        found[key] = value.strip().strip("'\"")
-    return found
-
-
-def credentials_from_env(env: Mapping[str, str]) -> Credentials:
-    """Read SFMC_CLIENT_ID, SFMC_CLIENT_SECRET, SFMC_AUTH_URL and SFMC_ACCOUNT_ID."""
-    missing = [
-        name
-        for name in ("SFMC_CLIENT_ID", "SFMC_CLIENT_SECRET", "SFMC_AUTH_URL")
-        if not env.get(name)
-    ]
-    if missing:
-        raise UsageError(
-            f"{', '.join(missing)} not set: export the API integration's credentials "
-            "in the environment (see README, 'Configuration')"
-        )
-
-    return Credentials(
-        client_id=env["SFMC_CLIENT_ID"],
-        client_secret=env["SFMC_CLIENT_SECRET"],
-        auth_url=env["SFMC_AUTH_URL"].rstrip("/"),
-        account_id=env.get("SFMC_ACCOUNT_ID") or None,
-    )
 
 
 def read_contact_keys(path: Path) -> tuple[str, ...]:
@@ -590,7 +382,7 @@ def _choice(
     value = str(merged.get(name, default))
     if value not in allowed:
         raise UsageError(
-            f"{name} {value!r} is not allowed{_suggest(value, allowed)}; "
+            f"{name} {value!r} is not allowed{suggest(value, allowed)}; "
             f"use one of {', '.join(allowed)}"
         )
     return value
@@ -619,8 +411,3 @@ def _build_dataclass(kind: type[_T], values: Mapping[str, Any]) -> _T:
         if value <= 0:
             raise UsageError(f"{key} {value!r} must be above 0")
     return kind(**chosen)
-
-
-def environment() -> Mapping[str, str]:
-    """The process environment; a function so tests can pass their own."""
-    return os.environ

@@ -13,7 +13,8 @@ from typing import Any
 
 import anyio
 
-from orchestrator.config import Credentials, ExportRequest, RunSettings
+from orchestrator.config import ExportRequest, RunSettings
+from orchestrator.credentials import Credentials
 from orchestrator.errors import ExitCode, UsageError
 from orchestrator.export import ExportResult, run_export
 

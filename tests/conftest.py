@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import sfmc
-from orchestrator.config import Credentials, ExportRequest, RunSettings
+from orchestrator.config import ExportRequest, RunSettings
+from orchestrator.credentials import Credentials
 from orchestrator.planner import plan_windows
 from orchestrator.sandbox import History, SandboxServer, render
 from orchestrator.timeparse import to_millis

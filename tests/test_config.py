@@ -5,13 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import (
-    RunSettings,
-    build_settings,
-    credentials_from_env,
-    load_config,
-    read_contact_keys,
-)
+from orchestrator.config import RunSettings, build_settings, read_contact_keys
+from orchestrator.configfile import load_config
+from orchestrator.credentials import credentials_from_env
 from orchestrator.errors import UsageError
 from orchestrator.timeparse import parse_duration, parse_time
 

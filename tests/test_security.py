@@ -16,14 +16,9 @@ import pytest
 import trustme
 
 from orchestrator.auth import check_rest_url
-from orchestrator.config import (
-    Credentials,
-    ExportRequest,
-    HttpSettings,
-    load_config,
-    load_credentials,
-    read_contact_keys,
-)
+from orchestrator.config import ExportRequest, HttpSettings, read_contact_keys
+from orchestrator.configfile import load_config
+from orchestrator.credentials import Credentials, load_credentials
 from orchestrator.errors import UsageError
 from orchestrator.export import run_export
 from orchestrator.manifest import ExportPaths

@@ -1,0 +1,110 @@
+"""Credentials: from the environment, or from a file the config names; never from
+flags. The secret never shows in a repr, a log line or an error."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+CREDENTIAL_NAMES = (
+    "SFMC_CLIENT_ID",
+    "SFMC_CLIENT_SECRET",
+    "SFMC_AUTH_URL",
+    "SFMC_ACCOUNT_ID",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Client credentials from the environment; the secret never shows in a repr."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    auth_url: str
+    account_id: str | None = None
+
+
+def load_credentials(
+    env: Mapping[str, str],
+    config: Mapping[str, Mapping[str, Any]],
+    config_path: Path | None = None,
+) -> Credentials:
+    """Credentials from the environment, completed by ``credentials.file`` if named.
+
+    A config or credentials file that other users can read draws a warning.
+    """
+    if config_path is not None:
+        warn_if_shared(config_path)
+    name = config.get("credentials", {}).get("file")
+    if not name:
+        return credentials_from_env(env)
+
+    path = Path(name).expanduser()
+    warn_if_shared(path)
+    return credentials_from_env({**read_credentials_file(path), **env})
+
+
+def warn_if_shared(path: Path) -> None:
+    """Warn when ``path`` is readable or writable by users other than its owner."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        logger.warning(
+            "%s is open to other users (mode %o); run: chmod 600 %s", path, mode, path
+        )
+
+
+def read_credentials_file(path: Path) -> dict[str, str]:
+    """Read ``NAME=value`` lines (SFMC_CLIENT_ID ...); values are never shown."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise UsageError(f"credentials file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"credentials file {path}: not UTF-8 text") from None
+
+    found: dict[str, str] = {}
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        key, sep, value = text.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        if not sep or key not in CREDENTIAL_NAMES:
+            raise UsageError(
+                f"credentials file {path}, line {number}: expected NAME=value with "
+                f"NAME one of {', '.join(CREDENTIAL_NAMES)}"
+            )
+        found[key] = value.strip().strip("'\"")
+    return found
+
+
+def credentials_from_env(env: Mapping[str, str]) -> Credentials:
+    """Read SFMC_CLIENT_ID, SFMC_CLIENT_SECRET, SFMC_AUTH_URL and SFMC_ACCOUNT_ID."""
+    missing = [
+        name
+        for name in ("SFMC_CLIENT_ID", "SFMC_CLIENT_SECRET", "SFMC_AUTH_URL")
+        if not env.get(name)
+    ]
+    if missing:
+        raise UsageError(
+            f"{', '.join(missing)} not set: export the API integration's credentials "
+            "in the environment (see README, 'Configuration')"
+        )
+
+    return Credentials(
+        client_id=env["SFMC_CLIENT_ID"],
+        client_secret=env["SFMC_CLIENT_SECRET"],
+        auth_url=env["SFMC_AUTH_URL"].rstrip("/"),
+        account_id=env.get("SFMC_ACCOUNT_ID") or None,
+    )

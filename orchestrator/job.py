@@ -1,0 +1,348 @@
+"""One run's downloading: the client, the pool, and the manifest updates as each
+window ends."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from orchestrator.auth import TokenSource
+from orchestrator.config import RunSettings
+from orchestrator.credentials import Credentials
+from orchestrator.download import JourneyHistoryClient
+from orchestrator.errors import (
+    PermanentError,
+    TooLargeError,
+    WindowError,
+)
+from orchestrator.manifest import (
+    DONE,
+    FAILED,
+    MERGED,
+    PENDING,
+    ExportPaths,
+    WindowRecord,
+)
+from orchestrator.merger import Assembler
+from orchestrator.parts import PartInfo, fsync_directory
+from orchestrator.pool import PoolEvents, WindowPool
+from orchestrator.reporting import Progress
+from orchestrator.retry import AdaptiveLimiter, RetryPolicy, Sleep, ThrottleGate
+from orchestrator.session import open_session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ExportResult:
+    """How a run ended; ``failed`` maps each failed window to its last error."""
+
+    output: str
+    start: str
+    end: str
+    windows: int
+    exported: int
+    rows: int
+    bytes: int
+    seconds: float
+    retries: int = 0
+    throttled: int = 0
+    complete: bool = False
+    provisional: int = 0
+    expired: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    out_of_time: bool = False
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """Injectable parts: the retry sleep, the clock, the TLS context."""
+
+    sleep: Sleep = anyio.sleep
+    now: Callable[[], dt.datetime] = _utc_now
+    ssl_context: ssl.SSLContext | None = None
+    progress: Progress | None = None
+
+
+class ExportJob:
+    """The state of one run: its HTTP client, pool and the manifest updates."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        credentials: Credentials,
+        paths: ExportPaths,
+        assembler: Assembler,
+        hooks: Hooks,
+    ) -> None:
+        self.settings = settings
+        self.credentials = credentials
+        self.paths = paths
+        self.assembler = assembler
+        self.manifest = assembler.manifest
+        self.hooks = hooks
+        self.gate = ThrottleGate(sleep=hooks.sleep)
+        self.limiter = AdaptiveLimiter(settings.concurrency)
+        self.policy = RetryPolicy(settings.retry, sleep=hooks.sleep)
+        self.assembling = anyio.Lock()
+        self.client: JourneyHistoryClient | None = None
+        self.pool: WindowPool | None = None
+        self.history_lag = settings.history_lag_fallback_seconds
+        self.estimates_usable = settings.estimate
+        self.assembly_error: str | None = None
+        self.progress = hooks.progress or Progress()
+        budget = settings.max_duration
+        self.deadline = time.monotonic() + budget.total_seconds() if budget else None
+
+    def todo(self) -> list[WindowRecord]:
+        return [r for r in self.manifest.windows if r.state in (PENDING, FAILED)]
+
+    async def download_missing(self) -> None:
+        if not self.todo():
+            return
+        self.paths.parts.mkdir(parents=True, exist_ok=True)
+
+        async with open_session(self.settings, self.hooks.ssl_context) as session:
+            tokens = TokenSource(
+                session,
+                self.credentials,
+                allowed_domains=self.settings.http.allowed_domains,
+            )
+            self.client = JourneyHistoryClient(
+                session,
+                tokens,
+                self.settings.request,
+                compression=self.settings.compression,
+                cap_bytes=self.settings.cap_bytes,
+            )
+            self.history_lag = await self._history_lag()
+            await self._estimate(self.todo())
+
+            todo = self.todo()
+            total = len(self.manifest.windows)
+            logger.info("%d of %d windows to download", len(todo), total)
+            self._count_progress(total - len(todo))
+            events = PoolEvents(self._done, self._failed, self._too_large)
+            self.pool = WindowPool(
+                self._fetch,
+                events,
+                policy=self.policy,
+                limiter=self.limiter,
+                gate=self.gate,
+                deadline=self.deadline,
+                stats=self.progress.stats,
+            )
+            await self.pool.run(todo)
+
+    def _count_progress(self, finished: int) -> None:
+        rows, size = self.manifest.totals()
+        self.progress.windows = len(self.manifest.windows)
+        self.progress.finished, self.progress.rows, self.progress.bytes = (
+            finished,
+            rows,
+            size,
+        )
+
+    async def _history_lag(self) -> float:
+        assert self.client is not None
+        fallback = self.settings.history_lag_fallback_seconds
+        try:
+            lag = await self.client.freshness()
+        except WindowError as error:
+            logger.warning(
+                "freshness unavailable (%s); assuming %.0f s", error, fallback
+            )
+            return fallback
+        if lag is None:
+            logger.warning("freshness answer not understood; assuming %.0f s", fallback)
+            return fallback
+
+        logger.info("history lags %.0f s behind real time", lag)
+        return lag
+
+    async def _estimate(self, records: list[WindowRecord]) -> None:
+        """Split windows whose estimate is over the safety cap, before downloading."""
+        fresh = [r for r in records if r.estimated_bytes is None]
+        if not self.estimates_usable or not fresh:
+            return
+        async with anyio.create_task_group() as group:
+            for record in fresh:
+                group.start_soon(self._estimate_one, record)
+
+    async def _estimate_one(self, record: WindowRecord) -> None:
+        assert self.client is not None
+        if not self.estimates_usable:
+            return
+        try:
+            async with self.limiter:
+                estimate = await self.client.estimate(record.window)
+        except WindowError as error:
+            self._stop_estimating(f"estimate failed ({error})")
+            return
+        if estimate is None:
+            self._stop_estimating("estimate answer not understood")
+            return
+
+        size = estimate.size(compressed=self.settings.compression != "none")
+        record.estimated_bytes = size
+        if size > self.settings.cap_bytes and self._can_split(record):
+            logger.info("window %s: estimate %d bytes; splitting", record.window, size)
+            for half in self.manifest.split(record):
+                await self._estimate_one(half)
+        self.manifest.save()
+
+    def _stop_estimating(self, reason: str) -> None:
+        if self.estimates_usable:
+            logger.warning("%s; going on without estimates", reason)
+        self.estimates_usable = False
+
+    def _can_split(self, record: WindowRecord) -> bool:
+        return record.window.span / 2 >= self.settings.min_window
+
+    async def _fetch(self, record: WindowRecord) -> PartInfo:
+        assert self.client is not None
+        temporary = self.paths.part(record.window).with_suffix(".tmp")
+        try:
+            return await self.client.download(record.window, temporary)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            raise PermanentError(
+                f"cannot write the part {temporary}: {error.strerror or error}"
+            ) from None
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+
+    async def _done(self, record: WindowRecord, info: PartInfo) -> None:
+        part = self.paths.part(record.window)
+        os.replace(part.with_suffix(".tmp"), part)
+        fsync_directory(part.parent)
+
+        record.state = DONE
+        record.provisional = self._is_provisional(record)
+        record.rows, record.bytes = info.rows, info.bytes
+        record.sha256, record.newline = info.sha256, info.newline
+        record.error = None
+        self.manifest.save()
+        self._progressed(record)
+        logger.info(
+            "window %s done: %d rows, %d bytes, %.1f s, %d attempts",
+            record.window,
+            record.rows,
+            record.bytes,
+            record.seconds,
+            record.attempts,
+            extra={
+                "event": "window_done",
+                "window": record.window.key,
+                "rows": record.rows,
+                "bytes": record.bytes,
+                "seconds": round(record.seconds, 3),
+                "attempts": record.attempts,
+                "provisional": record.provisional,
+            },
+        )
+        await self.assemble()
+
+    def _progressed(self, record: WindowRecord) -> None:
+        self.progress.windows = len(self.manifest.windows)
+        self.progress.finished += 1
+        self.progress.finished_this_run += 1
+        self.progress.rows += record.rows
+        self.progress.bytes += record.bytes
+
+    def _is_provisional(self, record: WindowRecord) -> bool:
+        requested_at = self.hooks.now() - dt.timedelta(seconds=record.seconds)
+        final_until = requested_at - dt.timedelta(seconds=self.history_lag)
+        return record.window.end > final_until
+
+    async def _failed(self, record: WindowRecord, error: WindowError) -> None:
+        self.progress.failed += 1
+        record.state = FAILED
+        record.error = str(error)
+        self.manifest.save()
+        logger.error(
+            "window %s failed after %d attempts: %s",
+            record.window,
+            record.attempts,
+            error,
+            extra={
+                "event": "window_failed",
+                "window": record.window.key,
+                "attempts": record.attempts,
+                "error": str(error),
+            },
+        )
+
+    def _too_large(
+        self, record: WindowRecord, error: TooLargeError
+    ) -> list[WindowRecord]:
+        if not self._can_split(record):
+            failure = PermanentError(f"{error}, and the window cannot be split further")
+            record.state, record.error = FAILED, str(failure)
+            self.manifest.save()
+            logger.error("window %s failed: %s", record.window, failure)
+            return []
+
+        halves = list(self.manifest.split(record))
+        self.manifest.save()
+        logger.warning("window %s: %s; splitting it in two", record.window, error)
+        return halves
+
+    async def assemble(self) -> None:
+        """Append every window that is next in order; the copy runs in a thread.
+
+        A failed append (a full disk) leaves the window done with its part kept;
+        the next run cuts the partial output back and appends it again.
+        """
+        async with self.assembling:
+            for part in self.assembler.ready():
+                try:
+                    size = await anyio.to_thread.run_sync(self.assembler.append, part)
+                except OSError as error:
+                    self.assembly_error = (
+                        f"cannot append to {self.paths.partial}: "
+                        f"{error.strerror or error}"
+                    )
+                    logger.error("%s; rerun once there is room", self.assembly_error)
+                    return
+                self.assembler.appended(part, size)
+
+    def result(self, seconds: float) -> ExportResult:
+        rows, size = self.manifest.totals()
+        finished = [r for r in self.manifest.windows if r.state in (DONE, MERGED)]
+        stats = self.pool.stats if self.pool else None
+        return ExportResult(
+            output=str(self.settings.output),
+            start=str(self.manifest.request["start"]),
+            end=str(self.manifest.request["end"]),
+            windows=len(self.manifest.windows),
+            exported=len(finished),
+            rows=rows,
+            bytes=size,
+            seconds=seconds,
+            retries=stats.retries if stats else 0,
+            throttled=stats.throttled if stats else 0,
+            complete=self.manifest.complete,
+            provisional=sum(r.provisional for r in self.manifest.windows),
+            expired=len(self.manifest.extra.get("expired", [])),
+            error=self.assembly_error,
+            out_of_time=bool(self.pool and self.pool.out_of_time),
+            failed={
+                r.window.key: r.error or "unknown"
+                for r in self.manifest.windows
+                if r.state == FAILED
+            },
+        )
