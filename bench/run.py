@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import Run, Sandbox, machine_busy, measure  # noqa: E402
+from measure import Run, Sandbox, measure  # noqa: E402
 from merge import merge_benchmark  # noqa: E402
 from report import write_report  # noqa: E402
 
@@ -52,7 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="jx-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    results: dict[str, Any] = {"settings": vars(args).copy(), "machine": machine()}
+    settings = {
+        key: sorted(value) if isinstance(value, set) else value
+        for key, value in vars(args).items()
+    }
+    settings["doc"] = str(args.doc)
+    results: dict[str, Any] = {"settings": settings, "machine": machine()}
     results["machine"]["disk_write_mb_s"] = disk_rate(work)
     phases: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
         "shaped": shaped,
@@ -69,11 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results["seconds"] = round(time.monotonic() - started, 1)
     (ROOT / "bench" / "last-run.json").write_text(json.dumps(results, indent=1))
-    doc = Path(args.doc) if args.doc else ROOT / "docs" / "benchmarks.md"
-    if args.quick and not args.doc:
-        doc = ROOT / "bench" / "quick-run.md"
-    plot = doc.with_name("throughput.png") if args.doc or not args.quick else None
-    write_report(results, doc, plot or doc.with_suffix(".png"))
+    write_report(results, args.doc, args.doc.with_name("throughput.png"))
     say(f"wrote {doc} in {results['seconds']:.0f} s")
     return 0
 
@@ -95,13 +96,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--unshaped-concurrency", type=int, default=4)
     add("--work", help="scratch folder (default: a new one under /tmp)")
     add("--keep-work", action="store_true", help="leave the scratch folder")
-    add("--doc", help="report path (default docs/benchmarks.md)")
+    add(
+        "--doc",
+        type=Path,
+        help="report path, the plot beside it (default docs/benchmarks.md; with"
+        " --quick, a folder under /tmp)",
+    )
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
     args.windows_per_worker = args.windows_per_worker or (4 if args.quick else 12)
     args.unshaped_gb = args.unshaped_gb or (0.25 if args.quick else 2.0)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.only = set(args.only.split(","))
+    if args.doc is None:
+        quick = Path(tempfile.gettempdir()) / "jx-bench-quick" / "benchmarks.md"
+        args.doc = quick if args.quick else ROOT / "docs" / "benchmarks.md"
     return args
 
 
@@ -190,7 +199,7 @@ def unshaped(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     columns = ",".join(sfmc.COLUMNS)
     concurrency = args.unshaped_concurrency
     start = first_hour()
-    found: dict[str, Any] = {"sandbox": settings, "columns": "all 25"}
+    found: dict[str, Any] = {"sandbox": settings, "concurrency": concurrency}
     with Sandbox(PROGRAM, settings, env=env(), log=work / "sandbox-plain.log") as sb:
         say(f"rendering about {args.unshaped_gb} GB in the sandbox (not measured)")
         end, expected = warm_until(sb, start, target, columns)
@@ -433,7 +442,6 @@ def machine() -> dict[str, Any]:
         "aiohttp": aiohttp.__version__,
         "curl": version(["curl", "--version"]),
         "load_at_start": os.getloadavg(),
-        "busy_at_start": machine_busy(),
     }
 
 

@@ -66,6 +66,7 @@ class TokenSource:
         async with self._lock:
             if self._token is None or self._clock() >= self._token.renew_at:
                 self._token = await self._request_token()
+
             return self._token
 
     async def invalidate(self, stale: Token) -> None:
@@ -84,6 +85,7 @@ class TokenSource:
         async for attempt in retrying:
             with attempt:
                 return await self._post_token()
+
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _post_token(self) -> Token:
@@ -110,12 +112,14 @@ class TokenSource:
         if self._credentials.account_id:
             account = self._credentials.account_id
             body["account_id"] = int(account) if account.isdigit() else account
+
         return body
 
     def _token_from_answer(self, status: int, answer: dict[str, Any]) -> Token:
         if status >= 500 or status == 429:
             logger.warning("token endpoint answered %d; retrying", status)
             raise RetryableError(f"token endpoint answered {status}")
+
         if status != 200:
             reason = answer.get("error_description") or answer.get("error") or status
             raise CredentialsError(
@@ -144,6 +148,7 @@ async def _read_json(response: aiohttp.ClientResponse) -> dict[str, Any]:
         answer = json.loads(text)
     except ValueError:
         return {}
+
     return answer if isinstance(answer, dict) else {}
 
 
@@ -161,8 +166,10 @@ def is_loopback(host: str | None) -> bool:
     """Whether ``host`` names this machine (localhost or a loopback address)."""
     if host is None:
         return False
+
     if host == "localhost":
         return True
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -174,8 +181,10 @@ def check_auth_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return
+
     if parts.scheme == "http" and is_loopback(parts.hostname):
         return
+
     raise UsageError(
         f"SFMC_AUTH_URL {url!r} is refused: use https://<subdomain>.auth."
         f"{SFMC_DOMAIN} (plain http only to a loopback address such as the sandbox)"
@@ -188,9 +197,11 @@ def check_rest_url(url: str, allowed_domains: tuple[str, ...]) -> None:
     host = parts.hostname or ""
     if parts.scheme in ("http", "https") and is_loopback(host):
         return
+
     on_allowed = any(host == d or host.endswith("." + d) for d in allowed_domains)
     if parts.scheme == "https" and on_allowed:
         return
+
     raise UsageError(
         f"the token endpoint sent rest_instance_url {url!r}, which is not HTTPS on "
         f"{', '.join(allowed_domains)}; refusing to send the token there "

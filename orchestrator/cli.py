@@ -49,6 +49,7 @@ def _join_relative_times(argv: Sequence[str]) -> list[str]:
             joined[-1] = f"{previous}={item}"
         else:
             joined.append(item)
+
     return joined
 
 
@@ -57,15 +58,18 @@ def _exit_code_for(error: BaseException) -> int:
     if isinstance(found, JourneyExportError):
         print(f"journey-export: error: {found}", file=sys.stderr)
         return int(found.exit_code)
+
     if isinstance(found, KeyboardInterrupt):
         print("journey-export: interrupted; rerun the same command", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+
     if isinstance(found, OSError):
         where = f": {found.filename}" if found.filename else ""
         print(
             f"journey-export: error: {found.strerror or found}{where}", file=sys.stderr
         )
         return int(ExitCode.WINDOWS_FAILED)
+
     raise error
 
 
@@ -75,6 +79,7 @@ def _first_known(error: BaseException) -> BaseException:
             found = _first_known(inner)
             if isinstance(found, JourneyExportError | KeyboardInterrupt | OSError):
                 return found
+
     return error
 
 
@@ -82,6 +87,7 @@ def _progress_display(args: argparse.Namespace) -> ProgressDisplay | None:
     wanted = args.command == "run" and not getattr(args, "quiet", False)
     if wanted and args.log_format == "text" and sys.stderr.isatty():
         return ProgressDisplay(sys.stderr)
+
     return None
 
 
@@ -97,6 +103,7 @@ def configure_logging(args: argparse.Namespace) -> None:
         handler = ClearingHandler(args.display)
     else:
         handler = logging.StreamHandler(sys.stderr)
+
     if args.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -105,6 +112,7 @@ def configure_logging(args: argparse.Namespace) -> None:
                 "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
             )
         )
+
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level))
@@ -198,6 +206,7 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
         ("--activity-id", "activity_ids"),
     ):
         add(flag, dest=name, action="append", help="filter (repeatable)")
+
     add("--contact-keys-file", help="file of contact keys, one per line")
 
 

@@ -81,7 +81,9 @@ def command_run(args: argparse.Namespace) -> int:
         found = _since_last_range(options, config, credentials)
         if found is None:
             return int(ExitCode.OK)
+
         options = found
+
     settings = build_settings(options, config, now=_now())
     credentials = load_credentials(os.environ, config, args.config)
 
@@ -97,14 +99,17 @@ def command_run(args: argparse.Namespace) -> int:
         record_end(
             _state_file(options, config), key, end=result.end, output=result.output
         )
+
     return int(code)
 
 
 def exit_code_of(result: ExportResult) -> ExitCode:
     if result.complete:
         return ExitCode.OK
+
     if result.out_of_time and not result.failed:
         return ExitCode.TIME_BUDGET
+
     return ExitCode.WINDOWS_FAILED
 
 
@@ -112,6 +117,7 @@ def _write_reports(args: argparse.Namespace, result: ExportResult, code: int) ->
     report = report_of(result, exit_code=code)
     if args.report:
         write_report(args.report, report)
+
     if args.prometheus:
         write_atomically(args.prometheus, prometheus_text(report))
 
@@ -128,6 +134,7 @@ def _since_last_range(
     """Options with start and end resolved for --since-last; None if nothing is new."""
     if options.get("last") or options.get("end"):
         raise UsageError("--since-last sets the range itself: drop --last and --end")
+
     span = parse_duration(str(options.get("window") or "1h"), name="window")
     key = request_key(build_request(options, config), span)
     path = _state_file(options, config)
@@ -147,6 +154,7 @@ def _since_last_range(
     if start is not None and start >= end:
         print(f"nothing new since the last export, which ended {iso(start)}")
         return None
+
     return {**options, "start": begin, "end": iso(end)}
 
 
@@ -159,10 +167,13 @@ async def _export_with_progress(
     async with anyio.create_task_group() as group:
         if display is not None:
             group.start_soon(_redraw, display, progress, settings.concurrency)
+
         result = await run_export(settings, credentials, hooks=Hooks(progress=progress))
         group.cancel_scope.cancel()
+
     if display is not None:
         display.clear()
+
     return result
 
 
@@ -189,6 +200,7 @@ def run_interruptible(job: Callable[[], Awaitable[_T]]) -> _T:
             f"stopped by signal {signals_seen[0]}; state is kept, "
             "rerun the same command to go on"
         )
+
     return outcome[0]
 
 
@@ -213,9 +225,12 @@ def summary_line(result: ExportResult) -> str:
         notes = ""
         if result.provisional:
             notes += f"; {result.provisional} provisional (rerun later to refresh)"
+
         if result.expired:
             notes += f"; {result.expired} windows past retention skipped"
+
         return f"export complete: {done} -> {result.output}{notes}"
+
     if result.out_of_time and not result.failed:
         return f"export paused (time budget spent): {done}; rerun to go on"
 
@@ -241,6 +256,7 @@ def command_plan(args: argparse.Namespace) -> int:
     for window in windows:
         minutes = window.span.total_seconds() / 60
         print(f"{window.key}\t{minutes:g} min")
+
     print(f"{len(windows)} windows")
     return int(ExitCode.OK)
 
@@ -259,10 +275,12 @@ def print_estimates(
         )
         for index, value in enumerate(values):
             totals[index] += value or 0
+
         over = estimate is not None and estimate.size(compressed=True) > cap_bytes
         note = "over the safety cap: split before download" if over else ""
         shown = "\t".join("?" if v is None else str(v) for v in values)
         print(f"{window.key}\t{shown}\t{note}")
+
     print(
         f"{len(planned)} windows, estimated {totals[0]:,} rows, {totals[1]:,} bytes "
         f"({totals[2]:,} compressed)"
@@ -288,10 +306,12 @@ def command_status(args: argparse.Namespace) -> int:
                 record.error or "",
             )
         )
+
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[5]]).rstrip())
+
     print(status_summary(manifest))
     return int(ExitCode.OK)
 

@@ -46,6 +46,7 @@ class ExportRequest:
         body = {key: list(values) for key, values in self.filters}
         if self.contact_keys:
             body["contactKeys"] = list(self.contact_keys)
+
         return body
 
     def identity(self) -> dict[str, Any]:
@@ -132,6 +133,7 @@ def check_choices(
                 f"see 'journey-export values {name}', or pass "
                 "--allow-unknown-values to send it anyway"
             )
+
     return tuple(checked)
 
 
@@ -157,8 +159,10 @@ def read_contact_keys(path: Path) -> tuple[str, ...]:
                 f"{MAX_KEY_LENGTH} characters or holds control characters; "
                 "write one plain key per line"
             )
+
     if not keys:
         raise UsageError(f"contact keys file {path}: holds no key")
+
     return keys
 
 
@@ -175,6 +179,7 @@ def build_settings(
     output = merged.get("output")
     if not output:
         raise UsageError("no output file: give --output PATH or export.output")
+
     max_duration = merged.get("max_duration")
 
     return RunSettings(
@@ -208,6 +213,7 @@ def _merge(
     merged: dict[str, Any] = {}
     for section in ("export", "filters"):
         merged.update(config.get(section, {}))
+
     merged.update({key: value for key, value in options.items() if value is not None})
     return merged
 
@@ -250,6 +256,7 @@ def _build_request(merged: Mapping[str, Any]) -> ExportRequest:
                     ignore_case=True,
                 )
             )
+
         if values and body_key != "contactKeys":
             filters.append((body_key, tuple(values)))
 
@@ -263,6 +270,7 @@ def _split_list(value: Any) -> list[str]:
     result: list[str] = []
     for item in items:
         result.extend(part.strip() for part in str(item).split(",") if part.strip())
+
     return result
 
 
@@ -273,6 +281,7 @@ def _build_range(
     last = merged.get("last")
     if last and merged.get("start"):
         raise UsageError("--last and --start both give the start: keep one")
+
     if not last and not merged.get("start"):
         raise UsageError("no time range: give --start (or --last), and --end")
 
@@ -281,10 +290,12 @@ def _build_range(
         start = end - _duration(str(last), "last")
     else:
         start = parse_time(str(merged["start"]), now=now, name="start", zone=zone)
+
     if end <= start:
         raise UsageError(
             f"end {end.isoformat()} is not after start {start.isoformat()}"
         )
+
     return start, end
 
 
@@ -292,12 +303,14 @@ def _build_window(text: str, *, name: str = "window") -> dt.timedelta:
     span = parse_duration(str(text), name=name)
     if not MIN_SPAN <= span <= MAX_SPAN:
         raise UsageError(f"{name} {text!r} is out of range: use 1m to 1d")
+
     return span
 
 
 def _range_as_given(merged: Mapping[str, Any]) -> tuple[str, str]:
     if merged.get("since_last"):
         return ("end of the last complete export", "now - history lag")
+
     start = merged.get("start") or f"end - {merged.get('last')}"
     end = merged.get("end") or "now"
     zone = merged.get("tz")
@@ -308,6 +321,7 @@ def _duration(text: str, name: str) -> dt.timedelta:
     span = parse_duration(text, name=name)
     if span <= dt.timedelta(0):
         raise UsageError(f"{name} {text!r} must be longer than zero")
+
     return span
 
 
@@ -329,6 +343,7 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
                 f"output template {template!r}: unknown field {{{name}}}; "
                 "use {start:%Y%m%d} or {end:%Y%m%d}"
             )
+
         return times[name].astimezone(dt.UTC).strftime(pattern)
 
     rendered = _TEMPLATE_FIELD.sub(fill, template)
@@ -337,12 +352,14 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
             f"output template {template!r}: only {{start:FORMAT}} and {{end:FORMAT}} "
             "are filled in (FORMAT as strftime, e.g. %Y%m%d)"
         )
+
     path = Path(rendered)
     if "\0" in rendered or ".." in path.parts or not path.name:
         raise UsageError(
             f"output {rendered!r} is refused: a file name without '..' parts or NUL "
             "bytes is needed"
         )
+
     return path
 
 
@@ -353,6 +370,7 @@ def _cap_bytes(merged: Mapping[str, Any]) -> int:
             f"safety_cap_mb {megabytes:g} is above SFMC's 1,000 MB download limit; "
             "use at most 1000 (default 900)"
         )
+
     return int(megabytes * 1_000_000)
 
 
@@ -360,6 +378,7 @@ def _positive(merged: Mapping[str, Any], name: str, default: float) -> float:
     value = merged.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise UsageError(f"{name} {value!r} must be a number above 0")
+
     return float(value)
 
 
@@ -373,6 +392,7 @@ def _bounded_int(
         or not low <= value <= high
     ):
         raise UsageError(f"{name} {value!r} is out of range: use {low} to {high}")
+
     return value
 
 
@@ -385,6 +405,7 @@ def _choice(
             f"{name} {value!r} is not allowed{suggest(value, allowed)}; "
             f"use one of {', '.join(allowed)}"
         )
+
     return value
 
 
@@ -410,4 +431,5 @@ def _build_dataclass(kind: type[_T], values: Mapping[str, Any]) -> _T:
     for key, value in chosen.items():
         if value <= 0:
             raise UsageError(f"{key} {value!r} must be above 0")
+
     return kind(**chosen)

@@ -80,12 +80,14 @@ def _check_config(path: Path, data: Mapping[str, Any]) -> None:
     for section, values in data.items():
         if section == "sandbox":
             continue  # the sandbox command checks its own table
+
         if section not in CONFIG_KEYS:
             raise UsageError(
                 f"config {path}: unknown section [{section}]"
                 f"{suggest(section, CONFIG_KEYS)}; "
                 f"allowed: {', '.join(CONFIG_KEYS)}"
             )
+
         if not isinstance(values, dict):
             raise UsageError(f"config {path}: [{section}] must be a table")
 

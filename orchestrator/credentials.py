@@ -43,6 +43,7 @@ def load_credentials(
     """
     if config_path is not None:
         warn_if_shared(config_path)
+
     name = config.get("credentials", {}).get("file")
     if not name:
         return credentials_from_env(env)
@@ -58,6 +59,7 @@ def warn_if_shared(path: Path) -> None:
         mode = path.stat().st_mode & 0o777
     except OSError:
         return
+
     if mode & 0o077:
         logger.warning(
             "%s is open to other users (mode %o); run: chmod 600 %s", path, mode, path
@@ -78,6 +80,7 @@ def read_credentials_file(path: Path) -> dict[str, str]:
         text = line.strip()
         if not text or text.startswith("#"):
             continue
+
         key, sep, value = text.partition("=")
         key = key.strip().removeprefix("export ").strip()
         if not sep or key not in CREDENTIAL_NAMES:
@@ -85,7 +88,9 @@ def read_credentials_file(path: Path) -> dict[str, str]:
                 f"credentials file {path}, line {number}: expected NAME=value with "
                 f"NAME one of {', '.join(CREDENTIAL_NAMES)}"
             )
+
         found[key] = value.strip().strip("'\"")
+
     return found
 
 

@@ -60,15 +60,19 @@ def sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if args.config is not None:
         options.update(_sandbox_table(args.config))
+
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(
                 f"--set {item!r}: write KEY=VALUE, e.g. end_inclusive=true"
             )
+
         options[key.strip()] = value.strip()
+
     if args.fault:
         options["faults"] = list(args.fault)
+
     return options
 
 
@@ -78,8 +82,10 @@ def _sandbox_table(path: Path) -> dict[str, Any]:
             table = tomllib.load(stream).get("sandbox", {})
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise UsageError(f"config {path}: cannot be read as TOML: {error}") from None
+
     if not isinstance(table, dict):
         raise UsageError(f"config {path}: [sandbox] must be a table")
+
     return table
 
 
@@ -105,12 +111,14 @@ def command_sandbox(args: argparse.Namespace) -> int:
     )
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(lambda: serve(settings, port=args.port))
+
     return int(ExitCode.OK)
 
 
 def command_demo(args: argparse.Namespace) -> int:
     if not 1 <= args.hours <= 24 * 29:
         raise UsageError(f"--hours {args.hours} is out of range: use 1 to 696")
+
     result = anyio.run(_demo, args.output, args.hours)
     print(demo_summary(result))
     return int(ExitCode.OK if result.complete else ExitCode.WINDOWS_FAILED)
@@ -141,6 +149,7 @@ async def _demo(output: Path, hours: int) -> ExportResult:
 def demo_summary(result: ExportResult) -> str:
     with open(result.output, "rb") as stream:
         head = b"".join(stream.readline() for _ in range(3)).decode(errors="replace")
+
     return (
         f"demo export: {result.windows} windows, {result.rows:,} rows, "
         f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s\n"

@@ -33,6 +33,7 @@ async def history_lag(credentials: Credentials, settings: RunSettings) -> float:
                 "freshness unavailable (%s); assuming %.0f s", error, fallback
             )
             return fallback
+
     return fallback if lag is None else lag
 
 
@@ -62,10 +63,12 @@ async def estimate_windows(
                 except WindowError as error:
                     logger.warning("window %s: estimate failed: %s", window, error)
                     found[window] = None
+
             if found[window] is None:
                 logger.warning("window %s: no readable estimate", window)
 
         async with anyio.create_task_group() as group:
             for window in windows:
                 group.start_soon(estimate, window)
+
     return [(window, found[window]) for window in windows]

@@ -53,8 +53,10 @@ async def run_export(
         )
         if not manifest.complete:
             assembler.reconcile()
+
         if reopened := assembler.reopen_provisional():
             logger.info("%d provisional windows to request again", reopened)
+
         if settings.redo:
             chosen = select_windows(manifest, settings.redo)
             logger.info("%d windows to request again", assembler.reopen(chosen))
@@ -66,6 +68,7 @@ async def run_export(
             await job.assemble()
             if assembler.all_merged():
                 assembler.publish()
+
         return job.result(time.monotonic() - started)
 
 
@@ -77,17 +80,20 @@ def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowR
         if choice == "failed":
             chosen += [r for r in manifest.windows if r.state == FAILED]
             continue
+
         start_text, sep, end_text = choice.partition("/")
         if not sep:
             raise UsageError(
                 f"--redo {choice!r}: write 'failed' or a range START/END, e.g. "
                 "2026-11-03T05:00Z/2026-11-03T08:00Z"
             )
+
         start = parse_time(start_text, now=now, name="--redo start")
         end = parse_time(end_text, now=now, name="--redo end")
         chosen += [
             r for r in manifest.windows if r.window.start < end and start < r.window.end
         ]
+
     return chosen
 
 
@@ -118,6 +124,7 @@ def check_retention(
     gone = [r for r in reaching if r.window.end <= cutoff]
     for record in gone:
         manifest.windows.remove(record)
+
     expired = manifest.extra.setdefault("expired", [])
     expired.extend(r.window.key for r in gone)
     manifest.save()
@@ -137,12 +144,14 @@ def open_manifest(settings: RunSettings, paths: ExportPaths) -> Manifest:
                 "%s was removed since it was exported; exporting again", settings.output
             )
             return _new_manifest(settings, paths, identity)
+
         return manifest
     elif settings.output.exists():
         raise ManifestError(
             f"{settings.output} exists and no export of it is recorded; choose another "
             "--output, or add --restart to replace it"
         )
+
     return _new_manifest(settings, paths, identity)
 
 
@@ -172,6 +181,7 @@ def _check_same_request(
 ) -> None:
     if manifest.request == identity:
         return
+
     differing = sorted(
         key
         for key in identity.keys() | manifest.request.keys()
@@ -185,6 +195,7 @@ def _check_same_request(
             manifest.request["end"],
         )
         return
+
     raise ManifestError(
         f"{paths.output} belongs to an export with a different request "
         f"({', '.join(differing)} differ); rerun with the same options, use another "
@@ -195,6 +206,7 @@ def _check_same_request(
 def _discard_state(paths: ExportPaths) -> None:
     for path in (paths.manifest, paths.partial, paths.output):
         path.unlink(missing_ok=True)
+
     if paths.parts.exists():
         for part in paths.parts.iterdir():
             part.unlink()

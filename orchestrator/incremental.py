@@ -32,11 +32,13 @@ def state_path(given: str | None, output_template: str) -> Path:
     """The state file: as given, else beside the outputs."""
     if given:
         return Path(given)
+
     folder = Path(output_template).parent
     if "{" in str(folder):
         raise UsageError(
             "--since-last with a templated output folder needs --state-file PATH"
         )
+
     return folder / STATE_NAME
 
 
@@ -51,8 +53,10 @@ def read_state(path: Path) -> dict[str, Any]:
             f"state file {path} cannot be read ({error}); fix or remove it and give "
             "--start for the next run"
         ) from None
+
     if not isinstance(state, dict):
         raise UsageError(f"state file {path} is not a JSON object; remove it")
+
     return state
 
 
@@ -60,6 +64,7 @@ def last_end(state: Mapping[str, Any], key: str) -> dt.datetime | None:
     entry = state.get(key)
     if not isinstance(entry, dict) or "end" not in entry:
         return None
+
     return dt.datetime.fromisoformat(str(entry["end"]))
 
 

@@ -112,6 +112,7 @@ class ExportJob:
     async def download_missing(self) -> None:
         if not self.todo():
             return
+
         self.paths.parts.mkdir(parents=True, exist_ok=True)
 
         async with open_session(self.settings, self.hooks.ssl_context) as session:
@@ -165,6 +166,7 @@ class ExportJob:
                 "freshness unavailable (%s); assuming %.0f s", error, fallback
             )
             return fallback
+
         if lag is None:
             logger.warning("freshness answer not understood; assuming %.0f s", fallback)
             return fallback
@@ -177,6 +179,7 @@ class ExportJob:
         fresh = [r for r in records if r.estimated_bytes is None]
         if not self.estimates_usable or not fresh:
             return
+
         async with anyio.create_task_group() as group:
             for record in fresh:
                 group.start_soon(self._estimate_one, record)
@@ -185,12 +188,14 @@ class ExportJob:
         assert self.client is not None
         if not self.estimates_usable:
             return
+
         try:
             async with self.limiter:
                 estimate = await self.client.estimate(record.window)
         except WindowError as error:
             self._stop_estimating(f"estimate failed ({error})")
             return
+
         if estimate is None:
             self._stop_estimating("estimate answer not understood")
             return
@@ -201,11 +206,13 @@ class ExportJob:
             logger.info("window %s: estimate %d bytes; splitting", record.window, size)
             for half in self.manifest.split(record):
                 await self._estimate_one(half)
+
         self.manifest.save()
 
     def _stop_estimating(self, reason: str) -> None:
         if self.estimates_usable:
             logger.warning("%s; going on without estimates", reason)
+
         self.estimates_usable = False
 
     def _can_split(self, record: WindowRecord) -> bool:
@@ -318,6 +325,7 @@ class ExportJob:
                     )
                     logger.error("%s; rerun once there is room", self.assembly_error)
                     return
+
                 self.assembler.appended(part, size)
 
     def result(self, seconds: float) -> ExportResult:

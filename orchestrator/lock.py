@@ -28,6 +28,7 @@ class OutputLock:
                 f"another run is writing this output (lock {self.path} is held); "
                 "wait for it to finish, or stop it, then run again"
             ) from None
+
         self._descriptor = descriptor
         return self
 

@@ -107,6 +107,7 @@ class WindowRecord:
         )
         if data["state"] not in STATES:
             raise ValueError(f"unknown state {data['state']!r}")
+
         return cls(
             window=window,
             state=data["state"],
@@ -143,8 +144,10 @@ class Manifest:
             content = document["manifest"]
             if document["sha256"] != _digest(content):
                 raise ValueError("checksum does not match its content")
+
             if content["version"] != VERSION:
                 raise ValueError(f"version {content['version']} is not {VERSION}")
+
             return cls._from_content(path, content)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ManifestError(
@@ -182,6 +185,7 @@ class Manifest:
                 stream.write(json.dumps(document, indent=1).encode())
                 stream.flush()
                 os.fsync(stream.fileno())
+
             os.replace(temporary, self.path)
             fsync_directory(self.path.parent)
         except OSError as error:
@@ -195,6 +199,7 @@ class Manifest:
         for record in self.windows:
             if record.window == window:
                 return record
+
         raise KeyError(window.key)
 
     def split(self, record: WindowRecord) -> tuple[WindowRecord, WindowRecord]:

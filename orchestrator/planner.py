@@ -38,6 +38,7 @@ class Window:
         middle = middle.replace(microsecond=0)
         if middle <= self.start:
             middle = self.start + dt.timedelta(seconds=1)
+
         return Window(self.start, middle), Window(middle, self.end)
 
     def __str__(self) -> str:
@@ -54,6 +55,7 @@ def plan_windows(
         boundary = _next_boundary(cursor, span)
         windows.append(Window(cursor, min(boundary, end)))
         cursor = boundary
+
     return windows
 
 

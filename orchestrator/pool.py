@@ -104,6 +104,7 @@ class WindowPool:
         except TooLargeError as error:
             for half in self._events.too_large(record, error):
                 self._start(half)
+
             return
         except WindowError as error:
             await self._events.failed(record, error)
@@ -129,6 +130,7 @@ class WindowPool:
         async for attempt in retrying:
             with attempt:
                 return await self._attempt(record)
+
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _attempt(self, record: WindowRecord) -> PartInfo:
@@ -137,6 +139,7 @@ class WindowPool:
             await self._gate.wait()
             if self._deadline is not None and time.monotonic() >= self._deadline:
                 raise OutOfTime
+
             record.attempts += 1
             try:
                 info = await self._fetch(record)

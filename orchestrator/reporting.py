@@ -43,6 +43,7 @@ def progress_line(progress: Progress, *, concurrency: int) -> str:
     eta = "?"
     if progress.finished_this_run:
         eta = f"{left * elapsed / progress.finished_this_run:.0f} s"
+
     return (
         f"windows {progress.finished}/{progress.windows}"
         + (f" ({progress.failed} failed)" if progress.failed else "")
@@ -97,8 +98,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _RECORD_FIELDS and not key.startswith("_"):
                 event[key] = value
+
         if record.exc_info:
             event["error"] = repr(record.exc_info[1])
+
         return json.dumps(event, default=str)
 
 
@@ -110,6 +113,7 @@ def write_atomically(path: Path, text: str) -> None:
         stream.write(text.encode())
         stream.flush()
         os.fsync(stream.fileno())
+
     os.replace(temporary, path)
 
 
@@ -137,6 +141,7 @@ def prometheus_text(report: Mapping[str, Any]) -> str:
     for name, value in gauges.items():
         lines.append(f"# TYPE journey_export_{name} gauge")
         lines.append(f"journey_export_{name}{{output={label}}} {value}")
+
     return "\n".join(lines) + "\n"
 
 

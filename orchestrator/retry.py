@@ -143,5 +143,6 @@ class RetryPolicy:
     def _stop(self, state: tenacity.RetryCallState) -> bool:
         if state.attempt_number >= self.settings.max_attempts:
             return True
+
         upcoming = state.upcoming_sleep or 0.0
         return state.idle_for + upcoming > self.settings.max_wait_seconds

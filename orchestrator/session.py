@@ -21,6 +21,7 @@ def tls_context(
     """
     if given is not None:
         return given
+
     return ssl.create_default_context(cafile=settings.http.ca_bundle)
 
 

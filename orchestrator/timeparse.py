@@ -61,6 +61,7 @@ def parse_time(
             f"{name} {text!r} has no offset, so it could be any time zone: "
             f"write {value}Z for UTC or {value}-05:00 for an offset"
         )
+
     return moment.astimezone(UTC)
 
 
@@ -70,12 +71,16 @@ def _parse_relative(
     today = now.astimezone(zone).date()
     if value == "now":
         return now.astimezone(UTC)
+
     if value == "today":
         return _midnight(today, zone)
+
     if value == "yesterday":
         return _midnight(today - dt.timedelta(days=1), zone)
+
     if value.startswith("-") and _DURATION.match(value[1:]):
         return now.astimezone(UTC) - parse_duration(value[1:])
+
     return None
 
 
@@ -88,6 +93,7 @@ def load_zone(name: str) -> dt.tzinfo:
     """The time zone called ``name`` (IANA, e.g. Europe/Paris), or UsageError."""
     if name.upper() == "UTC":
         return UTC
+
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):

@@ -1,0 +1,73 @@
+"""Merge throughput: the Assembler's real loop against cat, on the same part files.
+
+The Assembler runs as an export runs it: each part appended to the partial output
+and flushed to disk, the manifest saved after each, then the output published.
+``cat parts > out`` has no flush at all; ``cat parts > out && sync out`` writes the
+same bytes to disk once, which is what the Assembler's durability costs at least.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from orchestrator.manifest import DONE, ExportPaths, Manifest
+from orchestrator.merger import Assembler
+
+
+def merge_benchmark(
+    kept: ExportPaths, folder: Path, *, runs: int, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Time each way ``runs`` times, in turn; the parts stay in the page cache."""
+    template = Manifest.load(kept.manifest)
+    paths = ExportPaths(folder / "merged.csv")
+    kept.parts.rename(paths.parts)
+    parts = [paths.part(record.window) for record in template.windows]
+    total = sum(part.stat().st_size for part in parts)
+    times: dict[str, list[float]] = {"assembler": [], "cat": [], "cat_sync": []}
+    for number in range(runs):
+        times["assembler"].append(_assemble(template, paths))
+        times["cat"].append(_cat(parts, paths.output, sync=False))
+        times["cat_sync"].append(_cat(parts, paths.output, sync=True))
+        say(
+            f"merge run {number + 1}: "
+            + "  ".join(f"{name} {found[-1]:.2f} s" for name, found in times.items())
+        )
+    return {"bytes": total, "parts": len(parts), "runs": times}
+
+
+def _assemble(template: Manifest, paths: ExportPaths) -> float:
+    records = [
+        dataclasses.replace(record, state=DONE, offset=None)
+        for record in template.windows
+    ]
+    manifest = Manifest(paths.manifest, template.request, records)
+    delimiter = "\t" if template.request.get("format") == "tsv" else ","
+    assembler = Assembler(
+        manifest,
+        paths,
+        header=list(template.request["columns"]),
+        delimiter=delimiter,
+        keep_parts=True,
+    )
+    started = time.perf_counter()
+    for part in assembler.ready():
+        assembler.appended(part, assembler.append(part))
+    assembler.publish()
+    seconds = time.perf_counter() - started
+    paths.output.unlink()
+    paths.manifest.unlink()
+    return seconds
+
+
+def _cat(parts: list[Path], output: Path, *, sync: bool) -> float:
+    script = 'cat "$@" > "$0"' + (' && sync "$0"' if sync else "")
+    started = time.perf_counter()
+    subprocess.run(["sh", "-c", script, str(output), *map(str, parts)], check=True)
+    seconds = time.perf_counter() - started
+    output.unlink()
+    return seconds
