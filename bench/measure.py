@@ -1,8 +1,10 @@
 """Measuring one command: wall time, CPU, peak memory, and what else the machine did.
 
-CPU and peak resident memory come from wait4(2), so they are exact for the whole
-process tree that was waited for (curl and sh under xargs included), with nothing
-polled. The sandbox's CPU and the rest of the machine's are read from /proc before
+CPU comes from wait4(2), so it is exact for the whole process tree that was waited
+for (curl and sh under xargs included), with nothing polled. Peak resident memory
+comes from GNU time's %M: a child forked straight from this Python process would
+report this process's own size as its peak (the kernel keeps the larger of the two),
+while GNU time forks from a small program. The sandbox's CPU and the rest of the machine's are read from /proc before
 and after, to tell whether the sandbox or another program was in the way.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 TICK = os.sysconf("SC_CLK_TCK")
+GNU_TIME = "/usr/bin/time"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +70,12 @@ def measure(
     """Run ``command`` to its end; raise CalledProcessError if it fails."""
     busy = machine_busy()
     sandbox_cpu = sandbox.cpu() if sandbox else 0.0
+    peak = log.with_name(log.name + ".rss")
+    timed = [GNU_TIME, "-f", "%M", "-o", str(peak), *command]
     with log.open("w") as output:
         started = time.perf_counter()
         process = subprocess.Popen(
-            command, env=dict(env), stdout=output, stderr=subprocess.STDOUT
+            timed, env=dict(env), stdout=output, stderr=subprocess.STDOUT
         )
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
@@ -82,7 +87,8 @@ def measure(
     cpu = usage.ru_utime + usage.ru_stime
     sandbox_cpu = (sandbox.cpu() if sandbox else 0.0) - sandbox_cpu
     other = machine_busy() - busy - cpu - sandbox_cpu
-    return Run(wall, cpu, usage.ru_maxrss, sandbox_cpu, max(other, 0.0), text)
+    rss = int(peak.read_text().split()[-1])
+    return Run(wall, cpu, rss, sandbox_cpu, max(other, 0.0), text)
 
 
 def free_port() -> int:

@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["seconds"] = round(time.monotonic() - started, 1)
     (ROOT / "bench" / "last-run.json").write_text(json.dumps(results, indent=1))
     write_report(results, args.doc, args.doc.with_name("throughput.png"))
-    say(f"wrote {doc} in {results['seconds']:.0f} s")
+    say(f"wrote {args.doc} in {results['seconds']:.0f} s")
     return 0
 
 
@@ -165,7 +165,8 @@ def compare(
             folder = work / f"c{concurrency}-{name}-{number}"
             folder.mkdir()
             output = folder / "out.csv"
-            run = measure(tools[name](output), env=env(sb), log=folder / "log")
+            command = tools[name](output)
+            run = measure(command, env=env(sb), log=folder / "log", sandbox=sb)
             runs[name].append(run)
             digests.add(digest(output))
             size = output.stat().st_size
