@@ -105,6 +105,7 @@ class RunSettings:
     retained_only: bool = False
     history_lag_fallback_seconds: float = 7200.0
     max_duration: dt.timedelta | None = None
+    gzip_output: bool = False
     redo: tuple[str, ...] = ()
     retry: RetrySettings = RetrySettings()
     http: HttpSettings = HttpSettings()
@@ -199,6 +200,7 @@ def build_settings(
         retained_only=bool(merged.get("retained_only", False)),
         max_duration=_duration(max_duration, "max_duration") if max_duration else None,
         redo=tuple(merged.get("redo") or ()),
+        gzip_output=bool(merged.get("gzip")) or str(output).endswith(".gz"),
         history_lag_fallback_seconds=_positive(
             merged, "history_lag_fallback_seconds", 7200.0
         ),

@@ -22,6 +22,7 @@ CONFIG_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "concurrency": int,
         "compression": str,
         "keep_parts": bool,
+        "gzip": bool,
         "allow_unknown_values": bool,
         "estimate": bool,
         "safety_cap_mb": (int, float),

@@ -50,6 +50,7 @@ async def run_export(
             header=list(settings.request.columns),
             delimiter=settings.request.delimiter,
             keep_parts=settings.keep_parts,
+            gzip=settings.gzip_output,
         )
         if not manifest.complete:
             assembler.reconcile()
@@ -162,6 +163,7 @@ def request_identity(settings: RunSettings) -> dict[str, object]:
         "end": settings.end.isoformat(),
         "window_seconds": int(settings.window.total_seconds()),
         "range_as_given": list(settings.range_as_given or ()),
+        "gzip_output": settings.gzip_output,
         **settings.request.identity(),
     }
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +27,9 @@ from orchestrator.parts import fsync_directory, open_private, verify_part
 
 logger = logging.getLogger(__name__)
 
+BLOCK = 1 << 20
+GZIP_LEVEL = 6
+
 
 class Assembler:
     """Append done windows to the partial output in order, then publish it."""
@@ -37,11 +42,13 @@ class Assembler:
         header: list[str],
         delimiter: str,
         keep_parts: bool = False,
+        gzip: bool = False,
     ) -> None:
         self.manifest = manifest
         self.paths = paths
         self._header = delimiter.join(header)
         self._keep_parts = keep_parts
+        self._gzip = gzip
 
     def reconcile(self) -> None:
         """Bring files and manifest into agreement after a stop at any moment."""
@@ -126,17 +133,22 @@ class Assembler:
         self.manifest.merged_bytes = offset
 
     def _extract(self, partial: BinaryIO, record: WindowRecord, end: int) -> None:
-        """Copy a merged window's rows back out of the output into its part file."""
-        partial.seek(end - record.bytes)
-        part = self.paths.part(record.window)
-        with open_private(part) as target:
-            remaining = record.bytes
-            while remaining:
-                block = partial.read(min(remaining, 1 << 20))
-                if not block:
-                    break  # shorter than recorded: the checksum check rejects it
-                target.write(block)
-                remaining -= len(block)
+        """Copy a merged window's rows back out of the output into its part file.
+
+        A part that comes out different from what was recorded is caught by the
+        checksum check that follows, and its window is requested again.
+        """
+        start = record.offset or 0
+        partial.seek(start)
+        blocks = _read_range(partial, end - start)
+        if self._gzip:
+            blocks = _inflate(blocks)
+        skip = len(self._header_line()) if start == 0 else 0
+        with open_private(self.paths.part(record.window)) as target:
+            for block in blocks:
+                taken = block[skip:]
+                skip = max(0, skip - len(block))
+                target.write(taken)
             target.flush()
             os.fsync(target.fileno())
 
@@ -161,12 +173,31 @@ class Assembler:
         """
         with open_private(self.paths.partial, append=True) as output:
             if self.manifest.merged_bytes == 0:
-                output.write((self._header + (self._newline() or "\n")).encode())
+                self._write(output, [self._header_line()])
             with part.open("rb") as source:
-                shutil.copyfileobj(source, output, 1 << 20)
+                if self._gzip:
+                    self._write(output, iter(lambda: source.read(BLOCK), b""))
+                else:
+                    shutil.copyfileobj(source, output, BLOCK)
             output.flush()
             os.fsync(output.fileno())
             return output.tell()
+
+    def _header_line(self) -> bytes:
+        return (self._header + (self._newline() or "\n")).encode()
+
+    def _write(self, output: BinaryIO, blocks: Iterable[bytes]) -> None:
+        """Write blocks as they are, or as one gzip member (no timestamp, so the
+        same rows always give the same bytes)."""
+        if not self._gzip:
+            for block in blocks:
+                output.write(block)
+            return
+
+        packer = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        for block in blocks:
+            output.write(packer.compress(block))
+        output.write(packer.flush())
 
     def appended(self, part: Path, size: int) -> None:
         """Record that the window of ``part`` is in the output, then drop the part."""
@@ -194,7 +225,7 @@ class Assembler:
 
     def append_header_only(self) -> None:
         with open_private(self.paths.partial) as output:
-            output.write((self._header + (self._newline() or "\n")).encode())
+            self._write(output, [self._header_line()])
             output.flush()
             os.fsync(output.fileno())
             self.manifest.merged_bytes = output.tell()
@@ -211,3 +242,24 @@ class Assembler:
                 return record.newline
         finished = all(r.state in (DONE, MERGED) for r in self.manifest.windows)
         return "\n" if finished else None
+
+
+def _read_range(stream: BinaryIO, length: int) -> Iterator[bytes]:
+    while length > 0:
+        block = stream.read(min(length, BLOCK))
+        if not block:
+            return
+        length -= len(block)
+        yield block
+
+
+def _inflate(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """Decompress a run of gzip members."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    for block in blocks:
+        data = block
+        while data:
+            yield inflater.decompress(data)
+            data = inflater.unused_data if inflater.eof else b""
+            if inflater.eof:
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)

@@ -286,3 +286,31 @@ def test_progress_is_drawn_only_on_a_terminal(
     assert shown.returncode == 0, shown.stdout
     assert b"\r\x1b[Kwindows " in shown.stdout
     assert os.path.exists(tmp_path / "p.csv")
+
+
+def test_gzip_output_is_decompressible_and_identical_after_a_redo(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    import gzip
+
+    end = hour_now() - 2 * HOUR
+    output = tmp_path / "journey.csv.gz"
+    args = [
+        "run",
+        "--start",
+        (end - 4 * HOUR).isoformat(),
+        "--end",
+        end.isoformat(),
+        "--output",
+        str(output),
+    ]
+    env = env_for(sandbox_port)
+    assert journey_export(*args, env=env).returncode == 0
+    first = output.read_bytes()
+    history = History(7, 40)
+    assert gzip.decompress(first) == expected_output(history, end - 4 * HOUR, end)
+
+    redo = f"{(end - 3 * HOUR).isoformat()}/{(end - 2 * HOUR).isoformat()}"
+    again = journey_export(*args, "--redo", redo, env=env)
+    assert again.returncode == 0, again.stderr
+    assert output.read_bytes() == first
