@@ -231,7 +231,9 @@ def _build_request(merged: Mapping[str, Any]) -> ExportRequest:
     unknown_ok = bool(merged.get("allow_unknown_values", False))
     fmt = _choice(merged, "format", "csv", sfmc.FORMATS)
     columns = _split_list(merged.get("columns", list(sfmc.DEFAULT_COLUMNS)))
-    columns = list(check_choices(columns, sfmc.COLUMNS, name="column"))
+    columns = list(
+        check_choices(columns, sfmc.COLUMNS, name="column", allow_unknown=unknown_ok)
+    )
     if len(set(columns)) != len(columns):
         raise UsageError("columns: a column is named twice; name each once")
 

@@ -146,6 +146,10 @@ class JourneyHistoryClient:
             raise RetryableError(f"connection failed: {_describe(error)}") from None
         except TimeoutError:
             raise RetryableError("timed out waiting for the server") from None
+        except aiohttp.ClientResponseError as error:
+            raise RetryableError(
+                f"the answer's header is malformed or too large ({error.message[:80]})"
+            ) from None
         except aiohttp.ClientError as error:
             raise RetryableError(f"HTTP error: {_describe(error)}") from None
 
