@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import anyio
 
 from orchestrator import sfmc
-from orchestrator.config import RunSettings, build_request, build_settings
+from orchestrator.config import RunSettings, build_settings
 from orchestrator.configfile import load_config
 from orchestrator.credentials import Credentials, load_credentials
 from orchestrator.download import Estimate
@@ -22,16 +22,9 @@ from orchestrator.export import (
     ExportResult,
     Hooks,
     estimate_windows,
-    history_lag,
     run_export,
 )
-from orchestrator.incremental import (
-    last_end,
-    read_state,
-    record_end,
-    request_key,
-    state_path,
-)
+from orchestrator.incremental import nothing_new, plan_since_last, record_end
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.planner import Window, plan_windows
 from orchestrator.reporting import (
@@ -43,7 +36,6 @@ from orchestrator.reporting import (
     write_atomically,
     write_report,
 )
-from orchestrator.timeparse import iso, parse_duration
 
 logger = logging.getLogger(__name__)
 
@@ -76,31 +68,53 @@ def _now() -> dt.datetime:
 def command_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     options = options_of(args)
+    credentials = load_credentials(os.environ, config, args.config)
     if args.since_last:
-        credentials = load_credentials(os.environ, config, args.config)
-        found = _since_last_range(options, config, credentials)
-        if found is None:
-            return int(ExitCode.OK)
-
-        options = found
+        return _run_since_last(args, options, config, credentials)
 
     settings = build_settings(options, config, now=_now())
-    credentials = load_credentials(os.environ, config, args.config)
+    return _finish(args, _run(args, settings, credentials))
 
+
+def _run(
+    args: argparse.Namespace, settings: RunSettings, credentials: Credentials
+) -> ExportResult:
     progress = Progress()
-    result = run_interruptible(
+    return run_interruptible(
         lambda: _export_with_progress(settings, credentials, progress, args.display)
     )
+
+
+def _finish(args: argparse.Namespace, result: ExportResult) -> int:
+    """Print the summary line, write the reports, and give the exit code."""
     code = exit_code_of(result)
     print(summary_line(result))
     _write_reports(args, result, code)
-    if args.since_last and code == ExitCode.OK:
-        key = request_key(settings.request, settings.window)
-        record_end(
-            _state_file(options, config), key, end=result.end, output=result.output
+    return int(code)
+
+
+def _run_since_last(
+    args: argparse.Namespace,
+    options: dict[str, Any],
+    config: dict[str, Any],
+    credentials: Credentials,
+) -> int:
+    """Export what is new since the last complete export, and record the new end."""
+    if options.get("redo"):
+        raise UsageError(
+            "--redo works on one export: give that export's --start, --end and "
+            "--output instead of --since-last"
         )
 
-    return int(code)
+    plan = plan_since_last(options, config, credentials, now=_now())
+    if plan.options is None:
+        return _finish(args, nothing_new(plan.start))
+
+    settings = build_settings(plan.options, config, now=_now())
+    result = _run(args, settings, credentials)
+    if result.complete:
+        record_end(plan.state, plan.key, end=result.end, output=result.output)
+    return _finish(args, result)
 
 
 def exit_code_of(result: ExportResult) -> ExitCode:
@@ -119,43 +133,8 @@ def _write_reports(args: argparse.Namespace, result: ExportResult, code: int) ->
         write_report(args.report, report)
 
     if args.prometheus:
-        write_atomically(args.prometheus, prometheus_text(report))
-
-
-def _state_file(options: dict[str, Any], config: dict[str, Any]) -> Any:
-    export = config.get("export", {})
-    template = str(options.get("output") or export.get("output") or "")
-    return state_path(options.get("state_file") or export.get("state_file"), template)
-
-
-def _since_last_range(
-    options: dict[str, Any], config: dict[str, Any], credentials: Credentials
-) -> dict[str, Any] | None:
-    """Options with start and end resolved for --since-last; None if nothing is new."""
-    if options.get("last") or options.get("end"):
-        raise UsageError("--since-last sets the range itself: drop --last and --end")
-
-    span = parse_duration(str(options.get("window") or "1h"), name="window")
-    key = request_key(build_request(options, config), span)
-    path = _state_file(options, config)
-    start = last_end(read_state(path), key)
-    if start is None and not options.get("start"):
-        raise UsageError(
-            f"--since-last: no complete export of this request is recorded in {path}; "
-            "give --start for the first run"
-        )
-
-    probe = build_settings(
-        {**options, "start": "-1h", "end": "now"}, config, now=_now()
-    )
-    lag = anyio.run(history_lag, credentials, probe)
-    end = (_now() - dt.timedelta(seconds=lag)).replace(second=0, microsecond=0)
-    begin = iso(start) if start else str(options["start"])
-    if start is not None and start >= end:
-        print(f"nothing new since the last export, which ended {iso(start)}")
-        return None
-
-    return {**options, "start": begin, "end": iso(end)}
+        # Counts only, no personal data: readable by a node exporter of another user.
+        write_atomically(args.prometheus, prometheus_text(report), mode=0o644)
 
 
 async def _export_with_progress(
@@ -221,6 +200,8 @@ def summary_line(result: ExportResult) -> str:
         f"in {result.seconds:.1f} s, {result.retries} retries, "
         f"{result.throttled} throttled"
     )
+    if result.complete and not result.windows:
+        return f"nothing new since the last export, which ended {result.end}"
     if result.complete:
         notes = ""
         if result.provisional:

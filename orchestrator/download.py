@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 
 from orchestrator import sfmc
 from orchestrator.auth import TokenSource, untrusted
@@ -187,7 +188,10 @@ class JourneyHistoryClient:
                     )
                 writer.write(decoder.decode(chunk))
             decoder.finish()
-            return writer.finish(), writer.boundary_seen
+            # Flushing the part to disk blocks: the other windows stream meanwhile.
+            with anyio.CancelScope(shield=True):
+                info = await anyio.to_thread.run_sync(writer.finish)
+            return info, writer.boundary_seen
         except BaseException:
             writer.discard()
             raise

@@ -184,12 +184,15 @@ def _check_same_request(
     if manifest.request == identity:
         return
 
-    differing = sorted(
+    differing = {
         key
         for key in identity.keys() | manifest.request.keys()
         if identity.get(key) != manifest.request.get(key)
-    )
-    if set(differing) <= {"start", "end"} and not manifest.complete:
+    }
+    if differing == {"range_as_given"}:
+        return  # the same range, written another way
+
+    if differing <= {"start", "end"} and not manifest.complete:
         logger.info(
             "resuming the unfinished export of %s to %s: the same command, whose "
             "relative times now mean another range",
@@ -198,10 +201,19 @@ def _check_same_request(
         )
         return
 
+    shown = ", ".join(sorted(differing))
+    if manifest.complete:
+        raise ManifestError(
+            f"{paths.output} already holds a complete export of "
+            f"{manifest.request['start']} to {manifest.request['end']} ({shown} "
+            "differ); choose another --output (with --since-last, name outputs to "
+            "the minute: {start:%Y%m%dT%H%M}), or delete that file and its "
+            ".manifest.json to replace it"
+        )
     raise ManifestError(
-        f"{paths.output} belongs to an export with a different request "
-        f"({', '.join(differing)} differ); rerun with the same options, use another "
-        "--output, or add --restart to discard that export and start over"
+        f"{paths.output} belongs to an unfinished export with a different request "
+        f"({shown} differ); rerun with the same options, use another --output, or "
+        "add --restart to discard that export and start over"
     )
 
 

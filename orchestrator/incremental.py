@@ -8,13 +8,21 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import ExportRequest
-from orchestrator.errors import UsageError
+import anyio
+
+from orchestrator.config import ExportRequest, build_request, build_settings
+from orchestrator.credentials import Credentials
+from orchestrator.errors import ManifestError, UsageError
+from orchestrator.estimates import history_lag
+from orchestrator.export import request_identity
+from orchestrator.job import ExportResult
+from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.reporting import write_atomically
-from orchestrator.timeparse import iso
+from orchestrator.timeparse import iso, parse_duration, parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -78,3 +86,126 @@ def record_end(path: Path, key: str, *, end: str, output: str) -> None:
     }
     write_atomically(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
     logger.info("recorded %s as the start of the next --since-last run", end)
+
+
+@dataclass(frozen=True, slots=True)
+class SinceLast:
+    """The range of an incremental run: ``options`` is None when nothing is new."""
+
+    options: dict[str, Any] | None
+    state: Path
+    key: str
+    start: str
+
+
+def plan_since_last(
+    options: dict[str, Any],
+    config: Mapping[str, Any],
+    credentials: Credentials,
+    *,
+    now: dt.datetime,
+) -> SinceLast:
+    """Resolve start (the recorded end, else --start) and end (now minus the lag).
+
+    An export that completed without its end being recorded (a stop between the two)
+    is found by its output name and recorded now, so the run goes on after it.
+    """
+    if options.get("last") or options.get("end"):
+        raise UsageError("--since-last sets the range itself: drop --last and --end")
+
+    span = parse_duration(str(options.get("window") or "1h"), name="window")
+    key = request_key(build_request(options, config), span)
+    path = _state_file(options, config)
+    start = last_end(read_state(path), key)
+    if start is None and not options.get("start"):
+        raise UsageError(
+            f"--since-last: no complete export of this request is recorded in {path}; "
+            "give --start for the first run"
+        )
+
+    end = _end(options, config, credentials, now)
+    begin = iso(start) if start else str(options["start"])
+    begin = _skip_unrecorded(
+        options, config, state=path, key=key, begin=begin, end=end, now=now
+    )
+    chosen = {**options, "start": begin, "end": iso(end)}
+    if parse_time(begin, now=now, name="start") >= end:
+        return SinceLast(None, path, key, begin)
+    return SinceLast(chosen, path, key, begin)
+
+
+def _end(
+    options: dict[str, Any],
+    config: Mapping[str, Any],
+    credentials: Credentials,
+    now: dt.datetime,
+) -> dt.datetime:
+    probe = build_settings({**options, "start": "-1h", "end": "now"}, config, now=now)
+    lag = anyio.run(history_lag, credentials, probe)
+    return (now - dt.timedelta(seconds=lag)).replace(second=0, microsecond=0)
+
+
+def _skip_unrecorded(
+    options: dict[str, Any],
+    config: Mapping[str, Any],
+    *,
+    state: Path,
+    key: str,
+    begin: str,
+    end: dt.datetime,
+    now: dt.datetime,
+) -> str:
+    for _ in range(1000):
+        if parse_time(begin, now=now, name="start") >= end:
+            return begin
+
+        settings = build_settings(
+            {**options, "start": begin, "end": iso(end)}, config, now=now
+        )
+        finished = _complete_export(ExportPaths(settings.output), settings)
+        if finished is None:
+            return begin
+        logger.warning(
+            "%s completed without its end being recorded; recording it", settings.output
+        )
+        record_end(state, key, end=finished, output=str(settings.output))
+        begin = finished
+    return begin
+
+
+def _complete_export(paths: ExportPaths, settings: Any) -> str | None:
+    """The end of the complete export of this request and start in ``paths``."""
+    if not paths.manifest.exists():
+        return None
+    try:
+        manifest = Manifest.load(paths.manifest)
+    except ManifestError:
+        return None
+    identity = request_identity(settings)
+    same = all(
+        manifest.request.get(name) == value
+        for name, value in identity.items()
+        if name != "end"
+    )
+    return str(manifest.request["end"]) if manifest.complete and same else None
+
+
+def _state_file(options: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
+    export = config.get("export", {})
+    template = str(options.get("output") or export.get("output") or "")
+    return state_path(options.get("state_file") or export.get("state_file"), template)
+
+
+def nothing_new(since: str) -> ExportResult:
+    """The result of an incremental run that found nothing to export."""
+    return ExportResult(
+        output="",
+        start=since,
+        end=since,
+        windows=0,
+        exported=0,
+        rows=0,
+        bytes=0,
+        seconds=0.0,
+        complete=True,
+    )

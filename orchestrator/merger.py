@@ -7,8 +7,6 @@ The partial file takes the output's name only when every window is in it.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -30,11 +28,6 @@ from orchestrator.parts import fsync_directory, open_private, verify_part
 logger = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
-KERNEL_COPY_BYTES = 1 << 26
-# What copy_file_range answers where it cannot copy between these two files.
-NO_KERNEL_COPY = frozenset(
-    (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM)
-)
 GZIP_LEVEL = 6
 
 
@@ -185,10 +178,10 @@ class Assembler:
                 if self._gzip:
                     self._write(output, iter(lambda: source.read(BLOCK), b""))
                 else:
-                    copy_to_end(source, output)
+                    shutil.copyfileobj(source, output, BLOCK)
             output.flush()
             os.fsync(output.fileno())
-            return os.fstat(output.fileno()).st_size
+            return output.tell()
 
     def _header_line(self) -> bytes:
         return (self._header + (self._newline() or "\n")).encode()
@@ -270,38 +263,3 @@ def _inflate(blocks: Iterable[bytes]) -> Iterator[bytes]:
             data = inflater.unused_data if inflater.eof else b""
             if inflater.eof:
                 inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-
-
-def copy_to_end(source: BinaryIO, output: BinaryIO) -> None:
-    """Append the rest of ``source`` to ``output``, a file opened for appending.
-
-    The bytes are copied inside the kernel (copy_file_range) where the system allows
-    it, never passing through this process; elsewhere through a buffer.
-    """
-    output.flush()
-    if hasattr(os, "copy_file_range") and _kernel_copy(source, output):
-        return
-
-    shutil.copyfileobj(source, output, BLOCK)
-
-
-def _kernel_copy(source: BinaryIO, output: BinaryIO) -> bool:
-    """Copy with copy_file_range; False if this pair of files does not allow it."""
-    target = output.fileno()
-    offset = os.fstat(target).st_size
-    flags = fcntl.fcntl(target, fcntl.F_GETFL)
-    try:
-        # copy_file_range refuses a target opened with O_APPEND: give the offset.
-        fcntl.fcntl(target, fcntl.F_SETFL, flags & ~os.O_APPEND)
-        while copied := os.copy_file_range(
-            source.fileno(), target, KERNEL_COPY_BYTES, offset_dst=offset
-        ):
-            offset += copied
-    except OSError as error:
-        if error.errno not in NO_KERNEL_COPY:
-            raise
-        return False
-    finally:
-        fcntl.fcntl(target, fcntl.F_SETFL, flags)
-
-    return True

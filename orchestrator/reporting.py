@@ -105,12 +105,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, default=str)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` (owner-only), never leaving half a file."""
+def write_atomically(path: Path, text: str, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``text`` (owner-only unless ``mode`` says otherwise),
+    never leaving half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     with open_private(temporary) as stream:
         stream.write(text.encode())
+        os.fchmod(stream.fileno(), mode)
         stream.flush()
         os.fsync(stream.fileno())
 

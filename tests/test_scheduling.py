@@ -314,3 +314,77 @@ def test_gzip_output_is_decompressible_and_identical_after_a_redo(
     again = journey_export(*args, "--redo", redo, env=env)
     assert again.returncode == 0, again.stderr
     assert output.read_bytes() == first
+
+
+def test_since_last_survives_a_lost_state_and_a_failed_report(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    env = env_for(sandbox_port)
+    template = str(tmp_path / "j_{start:%Y%m%dT%H%M}.csv")
+    start = (hour_now() - 4 * HOUR).isoformat()
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+
+    first = journey_export(
+        "run", "--since-last", "--start", start, "--output", template,
+        "--prometheus", str(blocker / "x.prom"), env=env,
+    )  # fmt: skip
+    assert first.returncode == 1
+    assert "export complete" in first.stdout
+    state = tmp_path / "journey-export.state.json"
+    recorded = json.loads(state.read_text())
+    assert recorded  # the end was recorded before the report failed
+
+    state.unlink()  # as if the run had been killed before recording it
+    again = journey_export(
+        "run", "--since-last", "--start", start, "--output", template, env=env
+    )
+    assert again.returncode == 0, again.stderr
+    assert "completed without its end being recorded" in again.stderr
+    assert json.loads(state.read_text()).keys() == recorded.keys()
+    assert len(list(tmp_path.glob("j_*.csv"))) in (1, 2)
+
+
+def test_since_last_refuses_redo_and_redo_works_with_the_range(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    env = env_for(sandbox_port)
+    template = str(tmp_path / "j_{start:%Y%m%dT%H%M}.csv")
+    start = hour_now() - 4 * HOUR
+    done = journey_export(
+        "run", "--since-last", "--start", start.isoformat(), "--output", template,
+        "--report", str(tmp_path / "r.json"), env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+
+    refused = journey_export(
+        "run", "--since-last", "--output", template, "--redo", "failed", env=env
+    )
+    assert refused.returncode == 2
+    assert "--redo works on one export" in refused.stderr
+
+    window = f"{start.isoformat()}/{(start + HOUR).isoformat()}"
+    redo = journey_export(
+        "run", "--start", report["start"], "--end", report["end"],
+        "--output", report["output"], "--redo", window, env=env,
+    )  # fmt: skip
+    assert redo.returncode == 0, redo.stderr
+    assert "1 windows to request again" in redo.stderr
+
+
+def test_a_name_holding_another_complete_export_is_refused_clearly(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    env = env_for(sandbox_port)
+    output = str(tmp_path / "day.csv")
+    end = hour_now() - 2 * HOUR
+    first = ["--start", (end - 2 * HOUR).isoformat(), "--end", end.isoformat()]
+    assert journey_export("run", *first, "--output", output, env=env).returncode == 0
+
+    other = ["--start", (end - 3 * HOUR).isoformat(), "--end", end.isoformat()]
+    refused = journey_export("run", *other, "--output", output, env=env)
+
+    assert refused.returncode == 2
+    assert "already holds a complete export" in refused.stderr
+    assert "--restart" not in refused.stderr

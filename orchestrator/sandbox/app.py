@@ -45,6 +45,8 @@ CONTENT_TYPES = {"csv": "text/csv", "tsv": "text/tab-separated-values"}
 GARBAGE = b"<html><body>Service temporarily unavailable</body></html>"
 RESET = web.RequestKey("sandbox.reset", bool)
 BODY_CACHE_BYTES = 128 * 2**20
+ESTIMATES_KEPT = 100_000
+Sizes = tuple[int, int, int]
 
 
 class SandboxApp:
@@ -69,6 +71,7 @@ class SandboxApp:
         self.tokens = TokenStore(clock)
         self._injector = FaultInjector(settings.faults)
         self._bodies: Lru[Window] = Lru(BODY_CACHE_BYTES, lambda w: len(w.body))
+        self._estimates: Lru[Sizes] = Lru(ESTIMATES_KEPT, lambda _: 1)
 
     def apply(self, settings: SandboxSettings) -> None:
         """Switch to new settings; a new seed or volume means a new history."""
@@ -76,6 +79,7 @@ class SandboxApp:
         if _volume(old) != _volume(settings):
             self.history = self._history(settings)
             self._bodies.clear()
+            self._estimates.clear()
 
         if old.faults != settings.faults:
             self._injector = FaultInjector(settings.faults)
@@ -165,9 +169,7 @@ class SandboxApp:
             return refusal
 
         query = await read_query(request)
-        body = self._empty_body(await self._window(query))
-        compressed = wire.estimate_compressed(body.body)
-        sizes = (body.row_count, len(body.body), compressed)
+        sizes = await self._sizes(query)
         names = {
             "a": ("rowCount", "estimatedSizeBytes", "estimatedCompressedSizeBytes"),
             "b": ("totalRows", "fileSize", "compressedFileSize"),
@@ -253,6 +255,18 @@ class SandboxApp:
             self._bodies.put(key, cached)
 
         return cached
+
+    async def _sizes(self, query: DownloadQuery) -> Sizes:
+        """Rows, bytes and estimated gzip bytes of the body; kept like the bodies."""
+        key = self._window_key(query)
+        sizes = self._estimates.get(key)
+        if sizes is None:
+            body = self._empty_body(await self._window(query))
+            compressed = await asyncio.to_thread(wire.estimate_compressed, body.body)
+            sizes = (body.row_count, len(body.body), compressed)
+            self._estimates.put(key, sizes)
+
+        return sizes
 
     def _window_key(self, query: DownloadQuery) -> tuple[object, ...]:
         inclusive = self.settings.end_inclusive
