@@ -68,11 +68,12 @@ def _now() -> dt.datetime:
 def command_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     options = options_of(args)
-    credentials = load_credentials(os.environ, config, args.config)
     if args.since_last:
+        credentials = load_credentials(os.environ, config, args.config)
         return _run_since_last(args, options, config, credentials)
 
     settings = build_settings(options, config, now=_now())
+    credentials = load_credentials(os.environ, config, args.config)
     return _finish(args, _run(args, settings, credentials))
 
 

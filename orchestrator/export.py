@@ -65,8 +65,11 @@ async def run_export(
         job = ExportJob(settings, credentials, paths, assembler, hooks)
         if not manifest.complete:
             check_retention(manifest, settings, hooks.now())
-            await job.download_missing()
-            await job.assemble()
+            try:
+                await job.download_missing()
+                await job.assemble()
+            finally:
+                manifest.flush()
             if assembler.all_merged():
                 assembler.publish()
 

@@ -207,7 +207,7 @@ class ExportJob:
             for half in self.manifest.split(record):
                 await self._estimate_one(half)
 
-        self.manifest.save()
+        self.manifest.checkpoint()
 
     def _stop_estimating(self, reason: str) -> None:
         if self.estimates_usable:
@@ -242,7 +242,7 @@ class ExportJob:
         record.rows, record.bytes = info.rows, info.bytes
         record.sha256, record.newline = info.sha256, info.newline
         record.error = None
-        self.manifest.save()
+        self.manifest.checkpoint()
         self._progressed(record)
         logger.info(
             "window %s done: %d rows, %d bytes, %.1f s, %d attempts",
@@ -279,7 +279,7 @@ class ExportJob:
         self.progress.failed += 1
         record.state = FAILED
         record.error = str(error)
-        self.manifest.save()
+        self.manifest.checkpoint()
         logger.error(
             "window %s failed after %d attempts: %s",
             record.window,

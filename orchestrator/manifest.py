@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,8 @@ class Manifest:
     newline: str | None = None
     complete: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    saved_at: float = field(default=0.0, repr=False, compare=False)
+    unsaved: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
@@ -167,6 +170,24 @@ class Manifest:
             extra=dict(content.get("extra", {})),
         )
 
+    def checkpoint(self, *, every: float = 1.0) -> None:
+        """Save now if the last save is ``every`` seconds old, else at the next one.
+
+        Saving rewrites the whole manifest, so saving after every window would cost
+        time growing with the square of the windows. A state saved late is safe: a
+        window whose end was not recorded is checked on the next run, and requested
+        again if its part is gone.
+        """
+        if time.monotonic() - self.saved_at >= every:
+            self.save()
+        else:
+            self.unsaved = True
+
+    def flush(self) -> None:
+        """Save what a checkpoint left unsaved."""
+        if self.unsaved:
+            self.save()
+
     def save(self) -> None:
         """Replace the manifest on disk atomically and durably."""
         content = {
@@ -182,12 +203,13 @@ class Manifest:
         temporary = self.path.with_name(self.path.name + ".tmp")
         try:
             with open_private(temporary) as stream:
-                stream.write(json.dumps(document, indent=1).encode())
+                stream.write(json.dumps(document, separators=(",", ":")).encode())
                 stream.flush()
                 os.fsync(stream.fileno())
 
             os.replace(temporary, self.path)
             fsync_directory(self.path.parent)
+            self.saved_at, self.unsaved = time.monotonic(), False
         except OSError as error:
             temporary.unlink(missing_ok=True)
             raise StateWriteError(

@@ -208,7 +208,7 @@ class Assembler:
                 break
         self.manifest.merged_bytes = size
         self.manifest.newline = self._newline()
-        self.manifest.save()
+        self.manifest.checkpoint()
         if not self._keep_parts:
             part.unlink(missing_ok=True)
 

@@ -10,19 +10,27 @@ each scenario certainly injects faults and the seeds together cover every kind.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import anyio.lowlevel
 import pytest
+from aiohttp import web
 
-from orchestrator import sfmc
+from orchestrator import auth, sfmc
 from orchestrator.config import ExportRequest, HttpSettings, RetrySettings
+from orchestrator.credentials import Credentials
+from orchestrator.download import BodyDecoder
+from orchestrator.errors import PermanentError, RetryableError
 from orchestrator.export import ExportResult, Hooks, run_export
 from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.parts import PartWriter
 from orchestrator.sandbox import SandboxServer, SandboxSettings, parse_faults
 from orchestrator.timeparse import to_millis
 from tests.conftest import (
@@ -243,3 +251,97 @@ async def test_mixed_faults_end_in_the_exact_ground_truth(
     manifest = Manifest.load(paths.manifest)
     assert manifest.complete and not paths.partial.exists()
     assert faults.get(scenario.rule_kind, 0) >= 1, described
+
+
+# Found by the chaos script's fragmenting proxy (scripts/chaos.py --fragment):
+# bytes that arrive in small pieces, as they may on any real network. Each test
+# fails today and is marked so; remove the mark with the fix.
+
+BOUNDARY_BODY = (
+    b"TransactionTime,ContactKey\n"
+    b"2026-12-02T15:00:00.000Z,next-window\n"
+    b"2026-12-02T14:59:59.000Z,this-window\n"
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: PartWriter keeps only the last piece's tail, so a window end "
+    "stamp split over three pieces is missed and boundary rows are doubled",
+)
+def test_a_boundary_stamp_split_over_three_pieces_is_seen(tmp_path: Path) -> None:
+    writer = PartWriter(
+        tmp_path / "w.tmp",
+        columns=["TransactionTime", "ContactKey"],
+        delimiter=",",
+        boundary=b"2026-12-02T15:00:00",
+    )
+    stamp = BOUNDARY_BODY.index(b"\n") + 1
+    for piece in (
+        BOUNDARY_BODY[: stamp + 5],
+        BOUNDARY_BODY[stamp + 5 : stamp + 9],
+        BOUNDARY_BODY[stamp + 9 :],
+    ):
+        writer.write(piece)
+    writer.finish()
+
+    assert writer.boundary_seen
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=PermanentError,
+    reason="bug: BodyDecoder judges zlib or raw deflate from the first piece "
+    "alone; a one-byte first piece is taken for raw deflate and refused",
+)
+def test_a_deflate_body_whose_first_piece_is_one_byte_is_decoded() -> None:
+    data = zlib.compress(BOUNDARY_BODY, 1)
+    decoder = BodyDecoder("deflate")
+    decoded = decoder.decode(data[:1]) + decoder.decode(data[1:])
+    decoder.finish()
+
+    assert decoded == BOUNDARY_BODY
+
+
+async def token_in_two_pieces(request: web.Request) -> web.StreamResponse:
+    answer = json.dumps(
+        {
+            "access_token": "t" * 40,
+            "expires_in": 1080,
+            "rest_instance_url": f"http://{request.host}/",
+        }
+    ).encode()
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(answer)
+    await response.prepare(request)
+    await response.write(answer[:20])
+    await anyio.sleep(0.05)  # the rest comes in a later TCP segment
+    await response.write(answer[20:])
+    return response
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RetryableError,
+    reason="bug: the token answer is read with content.read(n), which returns "
+    "what has arrived so far, not the whole body",
+)
+async def test_a_token_answer_arriving_in_two_pieces_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(auth, "TOKEN_ATTEMPTS", 1)
+    app = web.Application()
+    app.router.add_post("/v2/token", token_in_two_pieces)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    credentials = Credentials("id", "secret", f"http://127.0.0.1:{port}")
+    try:
+        async with aiohttp.ClientSession() as session:
+            token = await auth.TokenSource(session, credentials).get()
+    finally:
+        await runner.cleanup()
+
+    assert token.rest_url == f"http://127.0.0.1:{port}/"

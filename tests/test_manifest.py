@@ -87,6 +87,7 @@ def finish_part(paths: ExportPaths, record: WindowRecord, body: bytes) -> None:
 def assemble(assembler: Assembler) -> None:
     for part in assembler.ready():
         assembler.appended(part, assembler.append(part))
+    assembler.manifest.flush()
 
 
 def test_windows_are_appended_in_order_only(tmp_path: Path) -> None:
