@@ -17,6 +17,7 @@ from orchestrator.config import ExportRequest, RunSettings
 from orchestrator.credentials import Credentials
 from orchestrator.errors import ExitCode, UsageError
 from orchestrator.export import ExportResult, run_export
+from orchestrator.manifest import ExportPaths
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,19 @@ def command_demo(args: argparse.Namespace) -> int:
     if not 1 <= args.hours <= 24 * 29:
         raise UsageError(f"--hours {args.hours} is out of range: use 1 to 696")
 
+    _check_demo_output(args.output)
     result = anyio.run(_demo, args.output, args.hours)
     print(demo_summary(result))
     return int(ExitCode.OK if result.complete else ExitCode.WINDOWS_FAILED)
+
+
+def _check_demo_output(output: Path) -> None:
+    """Refuse to replace a file that no earlier demo or export wrote."""
+    if output.exists() and not ExportPaths(output).manifest.exists():
+        raise UsageError(
+            f"{output} exists and was not written by journey-export; give the demo "
+            "another --output"
+        )
 
 
 async def _demo(output: Path, hours: int) -> ExportResult:

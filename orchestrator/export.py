@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from pathlib import Path
 
 from orchestrator import sfmc
 from orchestrator.config import RunSettings
@@ -143,6 +144,8 @@ def open_manifest(settings: RunSettings, paths: ExportPaths) -> Manifest:
     elif paths.manifest.exists():
         manifest = Manifest.load(paths.manifest)
         _check_same_request(manifest, identity, paths)
+        if manifest.complete and settings.output.exists():
+            _check_published(manifest, settings.output)
         if manifest.complete and not settings.output.exists():
             logger.warning(
                 "%s was removed since it was exported; exporting again", settings.output
@@ -157,6 +160,17 @@ def open_manifest(settings: RunSettings, paths: ExportPaths) -> Manifest:
         )
 
     return _new_manifest(settings, paths, identity)
+
+
+def _check_published(manifest: Manifest, output: Path) -> None:
+    """Refuse a complete export whose output was changed since it was written."""
+    if output.is_file() and output.stat().st_size == manifest.merged_bytes:
+        return
+    raise ManifestError(
+        f"{output} was changed since it was exported (it is not the "
+        f"{manifest.merged_bytes:,}-byte file this export wrote); add --restart to "
+        "export it again"
+    )
 
 
 def request_identity(settings: RunSettings) -> dict[str, object]:

@@ -94,24 +94,24 @@ class Assembler:
     def reopen(self, records: list[WindowRecord]) -> int:
         """Put windows back to pending so that this run requests them again.
 
-        Their rows leave the output: it is cut back to where the first of them began
-        (a published output is first moved back to the partial name), and the
-        windows after that point are put back into part files, to be appended again
-        without being downloaded again. Returns how many windows were reopened.
+        The output being assembled is cut back to where the first of them began,
+        and the windows after that point are put back into part files, to be
+        appended again without being downloaded again. A published output stays in
+        place, whole, until the new one replaces it: the partial output starts as a
+        copy of the part that stays. Returns how many windows were reopened.
         """
         reopen = [r for r in records if r.state != PENDING]
         if not reopen:
             return 0
         self.paths.parts.mkdir(parents=True, exist_ok=True)
-        if self.manifest.complete:
-            os.replace(self.paths.output, self.paths.partial)
-            self.manifest.complete = False
+        source = self.paths.output if self.manifest.complete else self.paths.partial
 
         offsets = [
             r.offset for r in reopen if r.state == MERGED and r.offset is not None
         ]
         if offsets:
-            self._cut_partial(min(offsets), reopen)
+            self._cut(min(offsets), reopen, source)
+        self.manifest.complete = False
         for record in reopen:
             self.paths.part(record.window).unlink(missing_ok=True)
             record.state, record.provisional = PENDING, False
@@ -119,18 +119,31 @@ class Assembler:
         self._reconcile_parts()
         return len(reopen)
 
-    def _cut_partial(self, offset: int, reopen: list[WindowRecord]) -> None:
+    def _cut(self, offset: int, reopen: list[WindowRecord], source: Path) -> None:
         merged = [r for r in self.manifest.windows if r.state == MERGED]
         ends = [r.offset or 0 for r in merged[1:]] + [self.manifest.merged_bytes]
-        with self.paths.partial.open("rb") as partial:
+        with source.open("rb") as assembled:
             for record, end in zip(merged, ends, strict=True):
                 if (record.offset or 0) < offset:
                     continue
                 if record not in reopen:
-                    self._extract(partial, record, end)
+                    self._extract(assembled, record, end)
                 record.state, record.offset = DONE, None
-        os.truncate(self.paths.partial, offset)
+
+            if source == self.paths.partial:
+                os.truncate(self.paths.partial, offset)
+            else:
+                self._copy_head(assembled, offset)
         self.manifest.merged_bytes = offset
+
+    def _copy_head(self, assembled: BinaryIO, length: int) -> None:
+        """Start the partial output as the first ``length`` bytes of the output."""
+        assembled.seek(0)
+        with open_private(self.paths.partial) as partial:
+            for block in _read_range(assembled, length):
+                partial.write(block)
+            partial.flush()
+            os.fsync(partial.fileno())
 
     def _extract(self, partial: BinaryIO, record: WindowRecord, end: int) -> None:
         """Copy a merged window's rows back out of the output into its part file.

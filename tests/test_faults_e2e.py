@@ -270,3 +270,40 @@ async def test_disk_full_stops_cleanly_and_the_rerun_completes(
         sandbox.history, start, start + 6 * HOUR
     )
     assert done_before < 6
+
+
+async def test_a_failed_redo_leaves_the_published_output_in_place(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        result, start = await export_with(sandbox, output)
+        first = output.read_bytes()
+        second = (start + HOUR).strftime("%Y-%m-%dT%H:%M:%SZ")
+        sandbox.update(faults=parse_faults(f"error500@*@{second}"))
+        redo = (
+            f"{start + HOUR:%Y-%m-%dT%H:%M:%SZ}/{start + 2 * HOUR:%Y-%m-%dT%H:%M:%SZ}",
+        )
+
+        failed, _ = await export_with(sandbox, output, redo=redo)
+        assert not failed.complete
+        assert output.read_bytes() == first  # still whole while the redo is unfinished
+
+        sandbox.update(faults=parse_faults(""))
+        again, _ = await export_with(sandbox, output)
+
+    assert again.complete
+    assert output.read_bytes() == first
+
+
+async def test_a_changed_output_is_not_reported_complete(tmp_path: Path) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=30)) as sandbox:
+        await export_with(sandbox, output)
+        with output.open("ab") as stream:
+            stream.write(b"extra\n")
+
+        from orchestrator.errors import ManifestError
+
+        with pytest.raises(ManifestError, match="changed since it was exported"):
+            await export_with(sandbox, output)
