@@ -20,7 +20,12 @@ import tenacity
 
 from orchestrator import sfmc
 from orchestrator.credentials import Credentials
-from orchestrator.errors import CredentialsError, RetryableError, UsageError
+from orchestrator.errors import (
+    CredentialsError,
+    RetryableError,
+    TokenUnavailableError,
+    UsageError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +57,7 @@ class TokenSource:
         allowed_domains: tuple[str, ...] = (SFMC_DOMAIN,),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        check_auth_url(credentials.auth_url)
+        check_auth_url(credentials.auth_url, allowed_domains)
         self._session = session
         self._credentials = credentials
         self._allowed_domains = allowed_domains
@@ -82,9 +87,15 @@ class TokenSource:
             stop=tenacity.stop_after_attempt(TOKEN_ATTEMPTS),
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                return await self._post_token()
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._post_token()
+        except RetryableError as error:
+            raise TokenUnavailableError(
+                f"no token after {TOKEN_ATTEMPTS} attempts ({error}); nothing more "
+                "can be requested: state is kept, rerun when the endpoint answers"
+            ) from None
 
         raise AssertionError("unreachable: tenacity reraises the last error")
 
@@ -120,6 +131,12 @@ class TokenSource:
             logger.warning("token endpoint answered %d; retrying", status)
             raise RetryableError(f"token endpoint answered {status}")
 
+        if status == 404:
+            raise UsageError(
+                f"no token endpoint at {self._credentials.auth_url}/{sfmc.TOKEN_PATH} "
+                "(404); SFMC_AUTH_URL is the auth base URL, e.g. "
+                f"https://<subdomain>.auth.{SFMC_DOMAIN}"
+            )
         if status != 200:
             reason = answer.get("error_description") or answer.get("error") or status
             raise CredentialsError(
@@ -176,19 +193,24 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-def check_auth_url(url: str) -> None:
-    """Refuse an auth URL that would send the secret in clear to another host."""
+def check_auth_url(url: str, allowed_domains: tuple[str, ...] = (SFMC_DOMAIN,)) -> None:
+    """Refuse an auth URL that sends the secret in clear, or off Marketing Cloud."""
     parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
+    host = parts.hostname or ""
+    if parts.scheme in ("http", "https") and is_loopback(host):
         return
-
-    if parts.scheme == "http" and is_loopback(parts.hostname):
+    if parts.scheme == "https" and _on_domains(host, allowed_domains):
         return
 
     raise UsageError(
         f"SFMC_AUTH_URL {url!r} is refused: use https://<subdomain>.auth."
-        f"{SFMC_DOMAIN} (plain http only to a loopback address such as the sandbox)"
+        f"{SFMC_DOMAIN} (plain http only to a loopback address such as the sandbox; "
+        "--allow-domain adds a domain)"
     )
+
+
+def _on_domains(host: str, domains: tuple[str, ...]) -> bool:
+    return any(host == d or host.endswith("." + d) for d in domains)
 
 
 def check_rest_url(url: str, allowed_domains: tuple[str, ...]) -> None:
@@ -198,8 +220,7 @@ def check_rest_url(url: str, allowed_domains: tuple[str, ...]) -> None:
     if parts.scheme in ("http", "https") and is_loopback(host):
         return
 
-    on_allowed = any(host == d or host.endswith("." + d) for d in allowed_domains)
-    if parts.scheme == "https" and on_allowed:
+    if parts.scheme == "https" and _on_domains(host, allowed_domains):
         return
 
     raise UsageError(

@@ -10,7 +10,9 @@ import dataclasses
 import datetime as dt
 import hashlib
 import logging
+import math
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,12 +236,19 @@ def _build_request(merged: Mapping[str, Any]) -> ExportRequest:
     columns = list(
         check_choices(columns, sfmc.COLUMNS, name="column", allow_unknown=unknown_ok)
     )
+    if not columns:
+        raise UsageError("columns: none given; name at least one (see 'values column')")
     if len(set(columns)) != len(columns):
         raise UsageError("columns: a column is named twice; name each once")
 
     filters: list[tuple[str, tuple[str, ...]]] = []
     for name, body_key in sfmc.FILTER_KEYS.items():
-        values = _split_list(merged.get(name) or [])
+        given = merged.get(name)
+        values = _split_list(given or [])
+        if given is not None and name != "contact_keys" and not values:
+            raise UsageError(
+                f"{name}: the value given names nothing; drop it or name one"
+            )
         if name == "statuses":
             values = list(
                 check_choices(
@@ -287,7 +296,9 @@ def _build_range(
         raise UsageError("--last and --start both give the start: keep one")
 
     if not last and not merged.get("start"):
-        raise UsageError("no time range: give --start (or --last), and --end")
+        raise UsageError(
+            "no time range: give --start or --last (--end defaults to now)"
+        )
 
     end = parse_time(str(merged.get("end") or "now"), now=now, name="end", zone=zone)
     if last:
@@ -350,6 +361,8 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
 
         return times[name].astimezone(dt.UTC).strftime(pattern)
 
+    if not template.isprintable():
+        raise UsageError("output name holds control characters; write a plain path")
     rendered = _TEMPLATE_FIELD.sub(fill, template)
     if "{" in rendered or "}" in rendered:
         raise UsageError(
@@ -358,10 +371,10 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
         )
 
     path = Path(rendered)
-    if "\0" in rendered or ".." in path.parts or not path.name:
+    if ".." in path.parts or not path.name or path.is_dir():
         raise UsageError(
-            f"output {rendered!r} is refused: a file name without '..' parts or NUL "
-            "bytes is needed"
+            f"output {rendered!r} is refused: --output must name a file, without "
+            "'..' parts"
         )
 
     return path
@@ -369,6 +382,8 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
 
 def _cap_bytes(merged: Mapping[str, Any]) -> int:
     megabytes = _positive(merged, "safety_cap_mb", 900.0)
+    if megabytes < 1:
+        raise UsageError(f"safety_cap_mb {megabytes:g} is too small: use 1 to 1000")
     if megabytes > 1000:
         raise UsageError(
             f"safety_cap_mb {megabytes:g} is above SFMC's 1,000 MB download limit; "
@@ -380,10 +395,15 @@ def _cap_bytes(merged: Mapping[str, Any]) -> int:
 
 def _positive(merged: Mapping[str, Any], name: str, default: float) -> float:
     value = merged.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if not _finite_positive(value):
         raise UsageError(f"{name} {value!r} must be a number above 0")
 
     return float(value)
+
+
+def _finite_positive(value: Any) -> bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value > 0
 
 
 def _bounded_int(
@@ -417,11 +437,17 @@ def _build_http(merged: Mapping[str, Any], table: Mapping[str, Any]) -> HttpSett
     timeouts = {k: v for k, v in table.items() if k.endswith("_seconds")}
     base = _build_dataclass(HttpSettings, timeouts)
     bundle = merged.get("ca_bundle") or table.get("ca_bundle")
-    if bundle and not Path(bundle).is_file():
-        raise UsageError(f"CA bundle {bundle}: no such file; give a PEM file of CAs")
+    if bundle:
+        _check_ca_bundle(Path(bundle))
 
     extra = [str(d).lower().strip(".") for d in merged.get("allow_domain") or []]
     extra += [str(d).lower().strip(".") for d in table.get("allowed_domains", [])]
+    for domain in extra:
+        if "." not in domain or not domain.replace(".", "").replace("-", "").isalnum():
+            raise UsageError(
+                f"allowed domain {domain!r} is refused: give a full domain such as "
+                "example.com (not a top-level domain or a pattern)"
+            )
     return dataclasses.replace(
         base,
         ca_bundle=str(bundle) if bundle else None,
@@ -429,11 +455,22 @@ def _build_http(merged: Mapping[str, Any], table: Mapping[str, Any]) -> HttpSett
     )
 
 
+def _check_ca_bundle(path: Path) -> None:
+    if not path.is_file():
+        raise UsageError(f"CA bundle {path}: not a file; give a PEM file of CAs")
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, ValueError) as error:
+        raise UsageError(
+            f"CA bundle {path} holds no usable certificate ({error}); give a PEM file"
+        ) from None
+
+
 def _build_dataclass(kind: type[_T], values: Mapping[str, Any]) -> _T:
     known = {item.name for item in dataclasses.fields(kind)}  # type: ignore[arg-type]
     chosen = {key: value for key, value in values.items() if key in known}
     for key, value in chosen.items():
-        if value <= 0:
-            raise UsageError(f"{key} {value!r} must be above 0")
+        if not _finite_positive(value):
+            raise UsageError(f"{key} {value!r} must be a number above 0")
 
     return kind(**chosen)

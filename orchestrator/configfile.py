@@ -72,6 +72,8 @@ def load_config(path: Path | None) -> dict[str, dict[str, Any]]:
         raise UsageError(f"config {path}: no such file") from None
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise UsageError(f"config {path}: cannot be read as TOML: {error}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config {path}: not UTF-8 text; save it as UTF-8") from None
 
     _check_config(path, data)
     return data

@@ -49,6 +49,8 @@ def load_credentials(
         return credentials_from_env(env)
 
     path = Path(name).expanduser()
+    if not path.is_absolute() and config_path is not None:
+        path = config_path.parent / path  # relative to the config file
     warn_if_shared(path)
     return credentials_from_env({**read_credentials_file(path), **env})
 
@@ -110,6 +112,6 @@ def credentials_from_env(env: Mapping[str, str]) -> Credentials:
     return Credentials(
         client_id=env["SFMC_CLIENT_ID"],
         client_secret=env["SFMC_CLIENT_SECRET"],
-        auth_url=env["SFMC_AUTH_URL"].rstrip("/"),
+        auth_url=env["SFMC_AUTH_URL"].rstrip("/").removesuffix("/v2/token"),
         account_id=env.get("SFMC_ACCOUNT_ID") or None,
     )

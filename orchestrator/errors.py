@@ -6,6 +6,7 @@
     ├── CredentialsError    the token endpoint rejected the credentials (exit 3)
     ├── LockHeldError       another run holds the lock on this output (exit 4)
     ├── StateWriteError     the manifest cannot be written; the run stops (exit 1)
+    ├── TokenUnavailableError  the token endpoint keeps failing; the run stops (exit 1)
     └── WindowError         one window could not be exported (window, status)
         ├── RetryableError  asking again may work: throttling, 5xx, network, cut body
         │   └── ThrottledError
@@ -56,6 +57,12 @@ class CredentialsError(JourneyExportError):
 
 class StateWriteError(JourneyExportError):
     """The manifest could not be written (a full disk, say); the run stops (exit 1)."""
+
+    exit_code = ExitCode.WINDOWS_FAILED
+
+
+class TokenUnavailableError(JourneyExportError):
+    """The token endpoint kept failing; no window can be requested (exit 1)."""
 
     exit_code = ExitCode.WINDOWS_FAILED
 

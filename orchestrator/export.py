@@ -41,10 +41,17 @@ async def run_export(
     hooks = hooks or Hooks()
     started = time.monotonic()
     paths = ExportPaths(settings.output)
-    settings.output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        settings.output.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = OutputLock(paths.lock).__enter__()
+    except OSError as error:
+        raise UsageError(
+            f"cannot write beside {settings.output} ({error.strerror}); choose an "
+            "--output in a folder you can write"
+        ) from None
 
-    with OutputLock(paths.lock):
-        manifest = open_manifest(settings, paths)
+    with lock:
+        manifest = open_manifest(settings, paths, hooks.now())
         assembler = Assembler(
             manifest,
             paths,
@@ -66,6 +73,7 @@ async def run_export(
         job = ExportJob(settings, credentials, paths, assembler, hooks)
         if not manifest.complete:
             check_retention(manifest, settings, hooks.now())
+            manifest.save()
             try:
                 await job.download_missing()
                 await job.assemble()
@@ -132,11 +140,12 @@ def check_retention(
 
     expired = manifest.extra.setdefault("expired", [])
     expired.extend(r.window.key for r in gone)
-    manifest.save()
     logger.warning("--retained-only: %s is past retention; not exported", lost)
 
 
-def open_manifest(settings: RunSettings, paths: ExportPaths) -> Manifest:
+def open_manifest(
+    settings: RunSettings, paths: ExportPaths, now: dt.datetime
+) -> Manifest:
     """Load the manifest of an earlier run of this request, or start a new one."""
     identity = request_identity(settings)
     if settings.restart:
@@ -150,7 +159,7 @@ def open_manifest(settings: RunSettings, paths: ExportPaths) -> Manifest:
             logger.warning(
                 "%s was removed since it was exported; exporting again", settings.output
             )
-            return _new_manifest(settings, paths, identity)
+            return _new_manifest(settings, paths, identity, now)
 
         return manifest
     elif settings.output.exists():
@@ -159,7 +168,7 @@ def open_manifest(settings: RunSettings, paths: ExportPaths) -> Manifest:
             "--output, or add --restart to replace it"
         )
 
-    return _new_manifest(settings, paths, identity)
+    return _new_manifest(settings, paths, identity, now)
 
 
 def _check_published(manifest: Manifest, output: Path) -> None:
@@ -186,11 +195,15 @@ def request_identity(settings: RunSettings) -> dict[str, object]:
 
 
 def _new_manifest(
-    settings: RunSettings, paths: ExportPaths, identity: dict[str, object]
+    settings: RunSettings,
+    paths: ExportPaths,
+    identity: dict[str, object],
+    now: dt.datetime,
 ) -> Manifest:
-    _discard_state(paths)
     windows = plan_windows(settings.start, settings.end, settings.window)
     manifest = Manifest(paths.manifest, identity, [WindowRecord(w) for w in windows])
+    check_retention(manifest, settings, now)  # before anything is written
+    _discard_state(paths)
     manifest.save()
     return manifest
 

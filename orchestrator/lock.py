@@ -19,6 +19,9 @@ class OutputLock:
         self._descriptor: int | None = None
 
     def __enter__(self) -> OutputLock:
+        if self._descriptor is not None:
+            return self  # already held: entering again is a no-op
+
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,6 +16,7 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_SECONDS = 3650 * 86400
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 TIME_HELP = (
@@ -32,6 +33,9 @@ def parse_duration(text: str, *, name: str = "duration") -> dt.timedelta:
         raise UsageError(f"{name} {text!r} is not a duration: write 90s, 30m, 1h or 2d")
 
     seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_SECONDS:
+        raise UsageError(f"{name} {text!r} is too long: at most 3650d")
+
     return dt.timedelta(seconds=seconds)
 
 
@@ -49,7 +53,10 @@ def parse_time(
         return relative
 
     if _DATE_ONLY.match(value):
-        return _midnight(dt.date.fromisoformat(value), zone)
+        try:
+            return _midnight(dt.date.fromisoformat(value), zone)
+        except ValueError as error:
+            raise UsageError(f"{name} {text!r} is not a date: {error}") from None
 
     try:
         moment = dt.datetime.fromisoformat(value)

@@ -307,3 +307,16 @@ async def test_a_changed_output_is_not_reported_complete(tmp_path: Path) -> None
 
         with pytest.raises(ManifestError, match="changed since it was exported"):
             await export_with(sandbox, output)
+
+
+async def test_a_token_endpoint_that_keeps_failing_stops_the_run_at_once(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.errors import TokenUnavailableError
+
+    async with sandbox_with("token_error@*") as sandbox:
+        started = anyio.current_time()
+        with pytest.raises(TokenUnavailableError, match="no token after 5 attempts"):
+            await export_with(sandbox, tmp_path / "o.csv", hours=12)
+        assert sandbox.stats.token_requests == 5
+    assert anyio.current_time() - started < 30

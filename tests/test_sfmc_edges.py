@@ -149,6 +149,7 @@ async def test_a_range_past_retention_is_refused_naming_the_lost_part(
         ):
             await export(sandbox, tmp_path / "o.csv", start, end)
         assert sum(sandbox.stats.downloads.values()) == 0
+    assert not ExportPaths(tmp_path / "o.csv").manifest.exists()  # nothing left over
 
 
 async def test_retained_only_exports_what_is_left(tmp_path: Path) -> None:
