@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from orchestrator import __version__, commands, sfmc
 from orchestrator.demo import add_commands as add_sandbox_commands
@@ -23,7 +25,14 @@ EPILOG = (
     "2 bad usage or input, 3 credentials rejected, 4 output locked by another run, "
     "5 time budget spent (rerun to go on), 130 interrupted (rerun to go on)"
 )
-_TIME_FLAGS = frozenset({"--start", "--end", "--last"})
+_TIME_FLAGS = frozenset({"--start", "--end", "--last", "--window", "--max-duration"})
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, with where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +72,9 @@ def _exit_code_for(error: BaseException) -> int:
         print("journey-export: interrupted; rerun the same command", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
 
+    if isinstance(found, BrokenPipeError):
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the reader went away
+        return int(ExitCode.OK)
     if isinstance(found, OSError):
         where = f": {found.filename}" if found.filename else ""
         print(
@@ -119,7 +131,7 @@ def configure_logging(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="journey-export",
         description="Export SFMC Journey Builder history in resumable windows.",
         epilog=EPILOG,
@@ -137,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="human lines, or JSON lines with stable keys (default text)",
     )
-    subcommands = parser.add_subparsers(dest="command", required=True)
+    subcommands = parser.add_subparsers(
+        dest="command", required=True, parser_class=Parser
+    )
 
     run = subcommands.add_parser(
         "run", help="export a date range into one file", epilog=EPILOG

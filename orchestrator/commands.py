@@ -66,6 +66,38 @@ def _now() -> dt.datetime:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    try:
+        return _command_run(args)
+    except JourneyExportError as error:
+        _report_failure(args, error)
+        raise
+
+
+def _report_failure(args: argparse.Namespace, error: JourneyExportError) -> None:
+    """Leave a report of a run that ended with an error, for monitoring."""
+    report = {
+        "output": str(getattr(args, "output", "") or ""),
+        "complete": False,
+        "exit_code": int(error.exit_code),
+        "error": str(error),
+        "seconds": 0.0,
+        "rows": 0,
+        "bytes": 0,
+        "windows": 0,
+        "failed": [],
+        "retries": 0,
+        "throttled": 0,
+    }
+    try:
+        if args.report:
+            write_report(args.report, report)
+        if args.prometheus:
+            write_atomically(args.prometheus, prometheus_text(report), mode=0o644)
+    except OSError as problem:
+        logger.error("cannot write the report: %s", problem)
+
+
+def _command_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     options = options_of(args)
     if args.since_last:
@@ -174,7 +206,11 @@ def run_interruptible(job: Callable[[], Awaitable[_T]]) -> _T:
             outcome.append(await job())
             group.cancel_scope.cancel()
 
-    anyio.run(supervise)
+    try:
+        anyio.run(supervise)
+    except BaseExceptionGroup as group:
+        raise _unwrapped(group) from None
+
     if signals_seen:
         raise Interrupted(
             f"stopped by signal {signals_seen[0]}; state is kept, "
@@ -182,6 +218,15 @@ def run_interruptible(job: Callable[[], Awaitable[_T]]) -> _T:
         )
 
     return outcome[0]
+
+
+def _unwrapped(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a task group wrapped: our own first, else the group itself."""
+    for inner in group.exceptions:
+        found = _unwrapped(inner) if isinstance(inner, BaseExceptionGroup) else inner
+        if isinstance(found, JourneyExportError):
+            return found
+    return group
 
 
 async def _watch_signals(scope: anyio.CancelScope, seen: list[int]) -> None:
@@ -263,9 +308,11 @@ def print_estimates(
         shown = "\t".join("?" if v is None else str(v) for v in values)
         print(f"{window.key}\t{shown}\t{note}")
 
+    unknown = sum(1 for _, estimate in planned if estimate is None)
+    note = f"; {unknown} windows without an estimate not counted" if unknown else ""
     print(
         f"{len(planned)} windows, estimated {totals[0]:,} rows, {totals[1]:,} bytes "
-        f"({totals[2]:,} compressed)"
+        f"({totals[2]:,} compressed){note}"
     )
 
 

@@ -3,6 +3,7 @@ naming the file, the key and what is allowed."""
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -111,9 +112,10 @@ def _check_config_value(path: Path, section: str, key: str, value: Any) -> None:
     if wrong_bool or not isinstance(value, expected):
         names = expected if isinstance(expected, tuple) else (expected,)
         wanted = " or ".join(_TOML_TYPE_NAMES[kind] for kind in names)
+        hint = " (put the time in quotes)" if isinstance(value, dt.date) else ""
         raise UsageError(
             f"config {path}: {section}.{key} must be {wanted}, "
-            f"not {type(value).__name__} {value!r}"
+            f"not {type(value).__name__} {value!r}{hint}"
         )
 
 

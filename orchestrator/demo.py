@@ -102,6 +102,8 @@ def _settings(options: dict[str, Any]) -> Any:
 def command_sandbox(args: argparse.Namespace) -> int:
     from orchestrator.sandbox import serve
 
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is out of range: use 1 to 65535")
     settings = _settings(sandbox_options(args))
     print(
         f"sandbox on http://127.0.0.1:{args.port} (Ctrl-C to stop); export with:\n"
@@ -110,8 +112,14 @@ def command_sandbox(args: argparse.Namespace) -> int:
         "journey-export run ...",
         flush=True,
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(lambda: serve(settings, port=args.port))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            anyio.run(lambda: serve(settings, port=args.port))
+    except OSError as error:
+        raise UsageError(
+            f"cannot serve on 127.0.0.1:{args.port} ({error.strerror}); "
+            "choose another --port"
+        ) from None
 
     return int(ExitCode.OK)
 

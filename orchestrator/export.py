@@ -39,6 +39,12 @@ async def run_export(
 ) -> ExportResult:
     """Export ``settings``' range into its output; safe to rerun after any stop."""
     hooks = hooks or Hooks()
+    if sfmc.TIME_COLUMN not in settings.request.columns:
+        logger.warning(
+            "%s is not among the columns: if SFMC treats a request's end as "
+            "inclusive, rows stamped exactly on a window boundary appear twice",
+            sfmc.TIME_COLUMN,
+        )
     started = time.monotonic()
     paths = ExportPaths(settings.output)
     try:
@@ -103,9 +109,15 @@ def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowR
 
         start = parse_time(start_text, now=now, name="--redo start")
         end = parse_time(end_text, now=now, name="--redo end")
-        chosen += [
+        found = [
             r for r in manifest.windows if r.window.start < end and start < r.window.end
         ]
+        if not found:
+            raise UsageError(
+                f"--redo {choice!r} names no window of this export, which covers "
+                f"{manifest.request['start']} to {manifest.request['end']}"
+            )
+        chosen += found
 
     return chosen
 

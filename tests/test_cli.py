@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import random
 import signal
@@ -242,3 +243,39 @@ def test_demo_writes_a_file(tmp_path: Path) -> None:
 def test_range_args_are_hour_aligned() -> None:
     start = dt.datetime.fromisoformat(range_args(1, Path("x"))[1])
     assert start.minute == 0
+
+
+def test_usage_errors_are_one_line() -> None:
+    done = journey_export("run", "--concurrency", "abc")
+
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "invalid int value" in done.stderr and "--help" in done.stderr
+
+
+def test_a_failed_run_still_leaves_a_report(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    done = journey_export(
+        "run", "--start", "2020-01-01", "--end", "2020-01-02",
+        "--output", str(tmp_path / "o.csv"), "--report", str(report),
+        env=env_for(1),
+    )  # fmt: skip
+
+    assert done.returncode == 2
+    summary = json.loads(report.read_text())
+    assert summary["exit_code"] == 2 and "retention" in summary["error"]
+
+
+def test_redo_of_a_range_outside_the_export_is_refused(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    end = hour_now() - 2 * HOUR
+    args = range_args(2, tmp_path / "o.csv", end)
+    assert journey_export("run", *args, env=env_for(sandbox_port)).returncode == 0
+
+    done = journey_export(
+        "run", *args, "--redo", "2020-01-01T00:00Z/2020-01-02T00:00Z",
+        env=env_for(sandbox_port),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "names no window" in done.stderr
