@@ -129,6 +129,8 @@ def command_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--hours {args.hours} is out of range: use 1 to 696")
 
     _check_demo_output(args.output)
+    if args.log_level is None:  # one line per window is noise for a first look
+        logging.getLogger().setLevel(logging.WARNING)
     result = anyio.run(_demo, args.output, args.hours)
     print(demo_summary(result))
     return int(ExitCode.OK if result.complete else ExitCode.WINDOWS_FAILED)
