@@ -6,7 +6,6 @@ The token and the client secret are never logged, never put in an error message.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from orchestrator.errors import (
     TokenUnavailableError,
     UsageError,
 )
+from orchestrator.session import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class TokenSource:
         url = f"{self._credentials.auth_url}/{sfmc.TOKEN_PATH}"
         try:
             async with self._session.post(url, json=self._token_body()) as response:
-                answer = await _read_json(response)
+                answer = await read_json(response)
                 status = response.status
         except aiohttp.ClientConnectorCertificateError as error:
             raise untrusted(str(urlsplit(url).hostname), error) from None
@@ -157,16 +157,6 @@ class TokenSource:
         return Token(
             value, rest_url.rstrip("/") + "/", self._clock() + lifetime - margin
         )
-
-
-async def _read_json(response: aiohttp.ClientResponse) -> dict[str, Any]:
-    text = await response.content.read(64 * 1024)
-    try:
-        answer = json.loads(text)
-    except ValueError:
-        return {}
-
-    return answer if isinstance(answer, dict) else {}
 
 
 def untrusted(host: str, error: aiohttp.ClientConnectorCertificateError) -> UsageError:

@@ -306,12 +306,19 @@ def _build_range(
     else:
         start = parse_time(str(merged["start"]), now=now, name="start", zone=zone)
 
+    # The API speaks milliseconds: a finer range would be requested floored but
+    # checked exact, and a row at the edge could land in the wrong window.
+    start, end = _whole_millis(start), _whole_millis(end)
     if end <= start:
         raise UsageError(
             f"end {end.isoformat()} is not after start {start.isoformat()}"
         )
 
     return start, end
+
+
+def _whole_millis(moment: dt.datetime) -> dt.datetime:
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
 def _build_window(text: str, *, name: str = "window") -> dt.timedelta:

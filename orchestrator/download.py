@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import json
 import logging
 import re
 import time
@@ -35,6 +34,7 @@ from orchestrator.errors import (
 )
 from orchestrator.parts import PartInfo, PartWriter, keep_window_rows
 from orchestrator.planner import Window
+from orchestrator.session import read_json
 from orchestrator.timeparse import to_millis
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,16 @@ class BodyDecoder:
         if self.encoding not in ("identity", "gzip", "x-gzip", "deflate"):
             raise PermanentError(f"the body has an unsupported encoding {encoding!r}")
         self._inflater: Any = None
+        self._first = b""
 
     def decode(self, data: bytes) -> bytes:
         if self.encoding == "identity" or not data:
             return data
         if self._inflater is None:
+            self._first += data
+            if len(self._first) < 2:
+                return b""  # two bytes tell zlib-wrapped deflate from raw
+            data, self._first = self._first, b""
             self._inflater = zlib.decompressobj(self._wbits(data))
         try:
             out = self._inflater.decompress(data)
@@ -76,6 +81,8 @@ class BodyDecoder:
 
     def finish(self) -> None:
         """Raise if a compressed body stopped before its compressed stream ended."""
+        if self._first:
+            raise RetryableError(f"the {self.encoding} stream ended early")
         if self._inflater is not None and not self._inflater.eof:
             raise RetryableError(f"the {self.encoding} stream ended early")
 
@@ -231,7 +238,7 @@ class JourneyHistoryClient:
                 "POST", sfmc.ESTIMATE_PATH, window=window
             ) as response:
                 await _raise_for_status(response)
-                answer = await _read_json(response)
+                answer = await read_json(response)
         return _parse_estimate(answer)
 
     async def freshness(self) -> float | None:
@@ -239,7 +246,7 @@ class JourneyHistoryClient:
         with self._translated():
             async with self._call("GET", sfmc.FRESHNESS_PATH) as response:
                 await _raise_for_status(response)
-                answer = await _read_json(response)
+                answer = await read_json(response)
         return _first_number(answer, _LAG_KEYS)
 
     def _accept_encoding(self) -> str:
@@ -346,22 +353,13 @@ def _empty_part(path: Path) -> PartInfo:
     return writer.finish()
 
 
-async def _read_json(response: aiohttp.ClientResponse) -> dict[str, Any]:
-    text = await response.content.read(MAX_ERROR_BODY)
-    try:
-        answer = json.loads(text)
-    except ValueError:
-        return {}
-    return answer if isinstance(answer, dict) else {}
-
-
 async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
     """Raise the error an unsuccessful answer stands for."""
     status = response.status
     if 200 <= status < 300:
         return
 
-    answer = await _read_json(response)
+    answer = await read_json(response)
     message = str(answer.get("message") or response.reason or "no message")[:300]
     errorcode = answer.get("errorcode")
     code = errorcode if isinstance(errorcode, int) else None

@@ -172,8 +172,10 @@ class PartWriter:
     def _watch_boundary(self, data: bytes) -> None:
         if self._boundary is None or self.boundary_seen:
             return
-        self.boundary_seen = self._boundary in self._tail + data
-        self._tail = data[-len(self._boundary) :]
+        keep = len(self._boundary) - 1
+        seam = self._tail + data[:keep]  # a stamp across pieces, however small
+        self.boundary_seen = self._boundary in seam or self._boundary in data
+        self._tail = (self._tail + data)[-keep:] if len(data) < keep else data[-keep:]
 
     def _emit(self, data: bytes) -> None:
         self._file.write(data)

@@ -3,9 +3,11 @@ compressed, a read timeout between chunks and no total limit."""
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 
@@ -42,3 +44,28 @@ async def open_session(
         connector=connector, timeout=timeout, auto_decompress=False
     ) as session:
         yield session
+
+
+MAX_JSON_BYTES = 64 * 1024
+
+
+async def read_json(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The JSON object of a small answer, read whole up to 64 KiB; {} if not JSON.
+
+    ``content.read(n)`` returns what has arrived so far, so the body is read until
+    it ends or the bound is reached.
+    """
+    pieces: list[bytes] = []
+    size = 0
+    while size < MAX_JSON_BYTES:
+        piece = await response.content.read(MAX_JSON_BYTES - size)
+        if not piece:
+            break
+        pieces.append(piece)
+        size += len(piece)
+
+    try:
+        answer = json.loads(b"".join(pieces))
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}

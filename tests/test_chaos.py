@@ -27,7 +27,6 @@ from orchestrator import auth, sfmc
 from orchestrator.config import ExportRequest, HttpSettings, RetrySettings
 from orchestrator.credentials import Credentials
 from orchestrator.download import BodyDecoder
-from orchestrator.errors import JourneyExportError, PermanentError
 from orchestrator.export import ExportResult, Hooks, run_export
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.parts import PartWriter
@@ -254,8 +253,7 @@ async def test_mixed_faults_end_in_the_exact_ground_truth(
 
 
 # Found by the chaos script's fragmenting proxy (scripts/chaos.py --fragment):
-# bytes that arrive in small pieces, as they may on any real network. Each test
-# fails today and is marked so; remove the mark with the fix.
+# bytes that arrive in small pieces, as they may on any real network.
 
 BOUNDARY_BODY = (
     b"TransactionTime,ContactKey\n"
@@ -264,11 +262,6 @@ BOUNDARY_BODY = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: PartWriter keeps only the last piece's tail, so a window end "
-    "stamp split over three pieces is missed and boundary rows are doubled",
-)
 def test_a_boundary_stamp_split_over_three_pieces_is_seen(tmp_path: Path) -> None:
     writer = PartWriter(
         tmp_path / "w.tmp",
@@ -288,12 +281,6 @@ def test_a_boundary_stamp_split_over_three_pieces_is_seen(tmp_path: Path) -> Non
     assert writer.boundary_seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=PermanentError,
-    reason="bug: BodyDecoder judges zlib or raw deflate from the first piece "
-    "alone; a one-byte first piece is taken for raw deflate and refused",
-)
 def test_a_deflate_body_whose_first_piece_is_one_byte_is_decoded() -> None:
     data = zlib.compress(BOUNDARY_BODY, 1)
     decoder = BodyDecoder("deflate")
@@ -320,12 +307,6 @@ async def token_in_two_pieces(request: web.Request) -> web.StreamResponse:
     return response
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=JourneyExportError,
-    reason="bug: the token answer is read with content.read(n), which returns "
-    "what has arrived so far, not the whole body",
-)
 async def test_a_token_answer_arriving_in_two_pieces_is_read(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

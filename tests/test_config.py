@@ -149,3 +149,10 @@ def test_contact_keys_file_not_utf8_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="not UTF-8"):
         read_contact_keys(path)
+
+
+def test_sub_millisecond_times_are_floored_to_the_millisecond() -> None:
+    built = settings(start="2026-11-03T05:00:00.1234567+00:00", end="now")
+
+    assert built.start.microsecond == 123000
+    assert built.end.microsecond % 1000 == 0
