@@ -4,8 +4,9 @@ CPU comes from wait4(2), so it is exact for the whole process tree that was wait
 for (curl and sh under xargs included), with nothing polled. Peak resident memory
 comes from GNU time's %M: a child forked straight from this Python process would
 report this process's own size as its peak (the kernel keeps the larger of the two),
-while GNU time forks from a small program. The sandbox's CPU and the rest of the machine's are read from /proc before
-and after, to tell whether the sandbox or another program was in the way.
+while GNU time forks from a small program. The sandbox's CPU and the rest of the
+machine's are read from /proc before and after, to tell whether the sandbox or
+another program was in the way.
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ def machine_busy() -> float:
     return (user + nice + system + irq + softirq + steal) / TICK
 
 
+def wait_for_quiet(limit: float, *, idle_cores: float = 0.25) -> float:
+    """Wait until the machine uses less than ``idle_cores`` of CPU over half a
+    second, or ``limit`` seconds have passed; return the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        before = machine_busy()
+        time.sleep(0.5)
+        if (machine_busy() - before) / 0.5 < idle_cores:
+            break
+    return time.monotonic() - started
+
+
 def process_cpu(pid: int) -> float:
     """CPU seconds (user + system) one running process has used."""
     with open(f"/proc/{pid}/stat") as stream:
@@ -66,8 +79,15 @@ def measure(
     env: Mapping[str, str],
     log: Path,
     sandbox: Sandbox | None = None,
+    settle: float = 10.0,
 ) -> Run:
-    """Run ``command`` to its end; raise CalledProcessError if it fails."""
+    """Run ``command`` to its end; raise CalledProcessError if it fails.
+
+    Dirty pages are written out first, so that no run pays for the last one's, and
+    the run waits (up to ``settle`` seconds) for the machine to be nearly idle.
+    """
+    os.sync()
+    wait_for_quiet(settle)
     busy = machine_busy()
     sandbox_cpu = sandbox.cpu() if sandbox else 0.0
     peak = log.with_name(log.name + ".rss")
@@ -75,7 +95,11 @@ def measure(
     with log.open("w") as output:
         started = time.perf_counter()
         process = subprocess.Popen(
-            timed, env=dict(env), stdout=output, stderr=subprocess.STDOUT
+            timed,
+            env=dict(env),
+            cwd=log.parent,  # not the checkout: PYTHONPATH can choose the code
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
@@ -114,7 +138,11 @@ class Sandbox:
         command = [*program, "sandbox", "--port", str(self.port), *options]
         self._log = log.open("w")
         self._process = subprocess.Popen(
-            command, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT
+            command,
+            env=dict(env),
+            cwd=log.parent,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         self.auth_url = f"http://127.0.0.1:{self.port}"
         self._wait_ready()
@@ -147,10 +175,12 @@ class Sandbox:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"the sandbox exited: see {self._log.name}")
+                self._log.close()
+                tail = Path(self._log.name).read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the sandbox exited:\n{tail}")
             try:
                 stats = f"{self.auth_url}/sandbox/stats"
-                with urllib.request.urlopen(stats, timeout=1):  # noqa: S310
+                with urllib.request.urlopen(stats, timeout=1):
                     return
             except OSError:
                 time.sleep(0.1)

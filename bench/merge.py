@@ -9,6 +9,7 @@ same bytes to disk once, which is what the Assembler's durability costs at least
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -30,8 +31,11 @@ def merge_benchmark(
     total = sum(part.stat().st_size for part in parts)
     times: dict[str, list[float]] = {"assembler": [], "cat": [], "cat_sync": []}
     for number in range(runs):
+        os.sync()  # before each: no way pays for the last one's dirty pages
         times["assembler"].append(_assemble(template, paths))
+        os.sync()
         times["cat"].append(_cat(parts, paths.output, sync=False))
+        os.sync()
         times["cat_sync"].append(_cat(parts, paths.output, sync=True))
         say(
             f"merge run {number + 1}: "

@@ -32,23 +32,32 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import Run, Sandbox, measure  # noqa: E402
-from merge import merge_benchmark  # noqa: E402
-from report import write_report  # noqa: E402
+from measure import Run, Sandbox, measure
+from merge import merge_benchmark
+from report import write_report
 
-from orchestrator import sfmc  # noqa: E402
-from orchestrator.manifest import ExportPaths, Manifest  # noqa: E402
+from orchestrator import sfmc
+from orchestrator.manifest import ExportPaths, Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ROOT / "bench" / "baseline.sh"
 PROGRAM = [sys.executable, "-m", "orchestrator"]
-CREDENTIALS = {"SFMC_CLIENT_ID": "sandbox-client", "SFMC_CLIENT_SECRET": "sandbox-secret"}
+CREDENTIALS = {
+    "SFMC_CLIENT_ID": "sandbox-client",
+    "SFMC_CLIENT_SECRET": "sandbox-secret",
+}
 HOUR = dt.timedelta(hours=1)
 MB = 1_000_000
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    last = ROOT / "bench" / "last-run.json"
+    if args.report_only:
+        write_report(json.loads(last.read_text()), args.doc, plot_for(args.doc))
+        say(f"wrote {args.doc} from {last}")
+        return 0
+
     work = Path(args.work or tempfile.mkdtemp(prefix="jx-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -73,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     results["seconds"] = round(time.monotonic() - started, 1)
-    (ROOT / "bench" / "last-run.json").write_text(json.dumps(results, indent=1))
-    write_report(results, args.doc, args.doc.with_name("throughput.png"))
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    last.write_text(json.dumps(results, indent=1))
+    write_report(results, args.doc, plot_for(args.doc))
     say(f"wrote {args.doc} in {results['seconds']:.0f} s")
     return 0
 
@@ -96,6 +106,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--unshaped-concurrency", type=int, default=4)
     add("--work", help="scratch folder (default: a new one under /tmp)")
     add("--keep-work", action="store_true", help="leave the scratch folder")
+    add(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rewrite the report from bench/last-run.json",
+    )
     add(
         "--doc",
         type=Path,
@@ -126,7 +141,11 @@ def shaped(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "cache_megabytes": 1024,
     }
     start = first_hour()
-    found: dict[str, Any] = {"sandbox": settings, "compression": args.compression}
+    found: dict[str, Any] = {
+        "sandbox": settings,
+        "compression": args.compression,
+        "windows_per_worker": args.windows_per_worker,
+    }
     with Sandbox(PROGRAM, settings, env=env(), log=work / "sandbox-shaped.log") as sb:
         widest = start + max(args.concurrency) * args.windows_per_worker * HOUR
         say("warming the sandbox (the baseline at concurrency 32, not measured)")
@@ -134,6 +153,9 @@ def shaped(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         baseline_command = baseline(start, widest, warm, 32, args.compression)
         measure(baseline_command, env=env(sb), log=work / "warm.log")
         warm.unlink()
+        estimates = [*PROGRAM, "plan", "--estimate", "--concurrency", "16"]
+        estimates += ["--start", api_time(start), "--end", api_time(widest)]
+        measure(estimates, env=env(sb), log=work / "warm-estimates.log")
         for concurrency in args.concurrency:
             end = start + concurrency * args.windows_per_worker * HOUR
             found[str(concurrency)] = compare(args, work, sb, start, end, concurrency)
@@ -150,7 +172,9 @@ def compare(
 ) -> dict[str, Any]:
     tools: dict[str, Callable[[Path], list[str]]] = {
         "ours": lambda out: ours(start, end, out, concurrency, args.compression),
-        "baseline": lambda out: baseline(start, end, out, concurrency, args.compression),
+        "baseline": lambda out: baseline(
+            start, end, out, concurrency, args.compression
+        ),
         "ours_estimates": lambda out: ours(
             start, end, out, concurrency, args.compression, estimate=True
         ),
@@ -183,7 +207,9 @@ def compare(
         "bytes": size,
         "rows": rows,
         "same_output": len(digests) == 1,
-        "runs": {name: [run.as_dict() for run in items] for name, items in runs.items()},
+        "runs": {
+            name: [run.as_dict() for run in items] for name, items in runs.items()
+        },
     }
 
 
@@ -225,7 +251,9 @@ def unshaped(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 folder = work / f"plain-{name}-{number}"
                 folder.mkdir()
                 output = folder / "out.csv"
-                run = measure(command(output), env=env(sb), log=folder / "log", sandbox=sb)
+                run = measure(
+                    command(output), env=env(sb), log=folder / "log", sandbox=sb
+                )
                 runs[name].append(run)
                 if output.exists():
                     size = output.stat().st_size
@@ -239,7 +267,9 @@ def unshaped(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         found.update(
             bytes=size,
             same_output=len(digests) == 1,
-            runs={name: [run.as_dict() for run in items] for name, items in runs.items()},
+            runs={
+                name: [run.as_dict() for run in items] for name, items in runs.items()
+            },
         )
         found["small"] = small_export(work, sb, start, end, concurrency, columns)
         found["merge"] = merge_runs(args, work, sb, start, end, concurrency, columns)
@@ -254,12 +284,15 @@ def warm_until(
     end, total = start, 0
     while total < target:
         body = json.dumps({"start": api_time(end), "end": api_time(end + HOUR)})
-        request = urllib.request.Request(  # noqa: S310 - 127.0.0.1 only
+        request = urllib.request.Request(
             f"{sb.auth_url}/{sfmc.ESTIMATE_PATH}?format=csv&columns={columns}",
             data=body.encode(),
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/json",
+            },
         )
-        with urllib.request.urlopen(request) as answer:  # noqa: S310
+        with urllib.request.urlopen(request) as answer:
             total += json.load(answer)["estimatedSizeBytes"]
         end += HOUR
     return end, total
@@ -278,7 +311,9 @@ def small_export(
     folder = work / "small"
     folder.mkdir()
     output = folder / "out.csv"
-    command = ours(start, start + hours * HOUR, output, concurrency, "none", columns=columns)
+    command = ours(
+        start, start + hours * HOUR, output, concurrency, "none", columns=columns
+    )
     run = measure(command, env=env(sb), log=folder / "log", sandbox=sb)
     found = {"windows": hours, "bytes": output.stat().st_size, "run": run.as_dict()}
     shutil.rmtree(folder)
@@ -359,6 +394,10 @@ def baseline(
 # -- helpers --------------------------------------------------------------------
 
 
+def plot_for(doc: Path) -> Path:
+    return doc.with_name("throughput.png")
+
+
 def env(sb: Sandbox | None = None) -> dict[str, str]:
     found = {**os.environ, **CREDENTIALS}
     if sb is not None:
@@ -378,12 +417,12 @@ def api_time(moment: dt.datetime) -> str:
 
 def sandbox_token(sb: Sandbox) -> str:
     body = json.dumps({"grant_type": "client_credentials", **_grant()}).encode()
-    request = urllib.request.Request(  # noqa: S310 - 127.0.0.1 only
+    request = urllib.request.Request(
         f"{sb.auth_url}/{sfmc.TOKEN_PATH}",
         data=body,
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request) as answer:  # noqa: S310
+    with urllib.request.urlopen(request) as answer:
         token: str = json.load(answer)["access_token"]
         return token
 
@@ -421,7 +460,8 @@ def disk_rate(work: Path) -> float:
 def machine() -> dict[str, Any]:
     def version(command: list[str]) -> str:
         try:
-            text = subprocess.run(command, capture_output=True, text=True).stdout
+            done = subprocess.run(command, check=False, capture_output=True, text=True)
+            text = done.stdout
         except OSError:
             return "missing"
         return text.splitlines()[0] if text else "unknown"
@@ -437,7 +477,9 @@ def machine() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
         "cpu": model,
-        "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30),
+        "memory_gib": round(
+            os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        ),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,

@@ -277,7 +277,7 @@ async def test_a_failed_redo_leaves_the_published_output_in_place(
 ) -> None:
     output = tmp_path / "o.csv"
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
-        result, start = await export_with(sandbox, output)
+        _, start = await export_with(sandbox, output)
         first = output.read_bytes()
         second = (start + HOUR).strftime("%Y-%m-%dT%H:%M:%SZ")
         sandbox.update(faults=parse_faults(f"error500@*@{second}"))
