@@ -137,6 +137,7 @@ class TokenSource:
                 "(404); SFMC_AUTH_URL is the auth base URL, e.g. "
                 f"https://<subdomain>.auth.{SFMC_DOMAIN}"
             )
+
         if status != 200:
             reason = answer.get("error_description") or answer.get("error") or status
             raise CredentialsError(
@@ -189,6 +190,7 @@ def check_auth_url(url: str, allowed_domains: tuple[str, ...] = (SFMC_DOMAIN,)) 
     host = parts.hostname or ""
     if parts.scheme in ("http", "https") and is_loopback(host):
         return
+
     if parts.scheme == "https" and _on_domains(host, allowed_domains):
         return
 

@@ -75,6 +75,7 @@ def _exit_code_for(error: BaseException) -> int:
     if isinstance(found, BrokenPipeError):
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the reader went away
         return int(ExitCode.OK)
+
     if isinstance(found, OSError):
         where = f": {found.filename}" if found.filename else ""
         print(

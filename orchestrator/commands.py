@@ -91,6 +91,7 @@ def _report_failure(args: argparse.Namespace, error: JourneyExportError) -> None
     try:
         if args.report:
             write_report(args.report, report)
+
         if args.prometheus:
             write_atomically(args.prometheus, prometheus_text(report), mode=0o644)
     except OSError as problem:
@@ -147,6 +148,7 @@ def _run_since_last(
     result = _run(args, settings, credentials)
     if result.complete:
         record_end(plan.state, plan.key, end=result.end, output=result.output)
+
     return _finish(args, result)
 
 
@@ -226,6 +228,7 @@ def _unwrapped(group: BaseExceptionGroup[BaseException]) -> BaseException:
         found = _unwrapped(inner) if isinstance(inner, BaseExceptionGroup) else inner
         if isinstance(found, JourneyExportError):
             return found
+
     return group
 
 
@@ -248,6 +251,7 @@ def summary_line(result: ExportResult) -> str:
     )
     if result.complete and not result.windows:
         return f"nothing new since the last export, which ended {result.end}"
+
     if result.complete:
         notes = ""
         if result.provisional:

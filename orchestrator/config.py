@@ -238,6 +238,7 @@ def _build_request(merged: Mapping[str, Any]) -> ExportRequest:
     )
     if not columns:
         raise UsageError("columns: none given; name at least one (see 'values column')")
+
     if len(set(columns)) != len(columns):
         raise UsageError("columns: a column is named twice; name each once")
 
@@ -249,6 +250,7 @@ def _build_request(merged: Mapping[str, Any]) -> ExportRequest:
             raise UsageError(
                 f"{name}: the value given names nothing; drop it or name one"
             )
+
         if name == "statuses":
             values = list(
                 check_choices(
@@ -370,6 +372,7 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
 
     if not template.isprintable():
         raise UsageError("output name holds control characters; write a plain path")
+
     rendered = _TEMPLATE_FIELD.sub(fill, template)
     if "{" in rendered or "}" in rendered:
         raise UsageError(
@@ -391,6 +394,7 @@ def _cap_bytes(merged: Mapping[str, Any]) -> int:
     megabytes = _positive(merged, "safety_cap_mb", 900.0)
     if megabytes < 1:
         raise UsageError(f"safety_cap_mb {megabytes:g} is too small: use 1 to 1000")
+
     if megabytes > 1000:
         raise UsageError(
             f"safety_cap_mb {megabytes:g} is above SFMC's 1,000 MB download limit; "
@@ -455,6 +459,7 @@ def _build_http(merged: Mapping[str, Any], table: Mapping[str, Any]) -> HttpSett
                 f"allowed domain {domain!r} is refused: give a full domain such as "
                 "example.com (not a top-level domain or a pattern)"
             )
+
     return dataclasses.replace(
         base,
         ca_bundle=str(bundle) if bundle else None,
@@ -465,6 +470,7 @@ def _build_http(merged: Mapping[str, Any], table: Mapping[str, Any]) -> HttpSett
 def _check_ca_bundle(path: Path) -> None:
     if not path.is_file():
         raise UsageError(f"CA bundle {path}: not a file; give a PEM file of CAs")
+
     try:
         ssl.create_default_context(cafile=str(path))
     except (ssl.SSLError, ValueError) as error:

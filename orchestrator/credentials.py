@@ -51,6 +51,7 @@ def load_credentials(
     path = Path(name).expanduser()
     if not path.is_absolute() and config_path is not None:
         path = config_path.parent / path  # relative to the config file
+
     warn_if_shared(path)
     return credentials_from_env({**read_credentials_file(path), **env})
 

@@ -104,6 +104,7 @@ def command_sandbox(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is out of range: use 1 to 65535")
+
     settings = _settings(sandbox_options(args))
     print(
         f"sandbox on http://127.0.0.1:{args.port} (Ctrl-C to stop); export with:\n"
@@ -131,6 +132,7 @@ def command_demo(args: argparse.Namespace) -> int:
     _check_demo_output(args.output)
     if args.log_level is None:  # one line per window is noise for a first look
         logging.getLogger().setLevel(logging.WARNING)
+
     result = anyio.run(_demo, args.output, args.hours)
     print(demo_summary(result))
     return int(ExitCode.OK if result.complete else ExitCode.WINDOWS_FAILED)

@@ -54,18 +54,22 @@ class BodyDecoder:
         self.encoding = encoding.strip().lower() or "identity"
         if self.encoding not in ("identity", "gzip", "x-gzip", "deflate"):
             raise PermanentError(f"the body has an unsupported encoding {encoding!r}")
+
         self._inflater: Any = None
         self._first = b""
 
     def decode(self, data: bytes) -> bytes:
         if self.encoding == "identity" or not data:
             return data
+
         if self._inflater is None:
             self._first += data
             if len(self._first) < 2:
                 return b""  # two bytes tell zlib-wrapped deflate from raw
+
             data, self._first = self._first, b""
             self._inflater = zlib.decompressobj(self._wbits(data))
+
         try:
             out = self._inflater.decompress(data)
             while self._inflater.eof and self._inflater.unused_data:
@@ -77,18 +81,21 @@ class BodyDecoder:
                 f"the body claims {self.encoding} encoding but is not {self.encoding} "
                 f"data ({error})"
             ) from None
+
         return bytes(out)
 
     def finish(self) -> None:
         """Raise if a compressed body stopped before its compressed stream ended."""
         if self._first:
             raise RetryableError(f"the {self.encoding} stream ended early")
+
         if self._inflater is not None and not self._inflater.eof:
             raise RetryableError(f"the {self.encoding} stream ended early")
 
     def _wbits(self, first: bytes) -> int:
         if self.encoding != "deflate":
             return 16 + zlib.MAX_WBITS
+
         zlib_wrapped = (
             len(first) >= 2
             and first[0] & 0x0F == 8
@@ -109,6 +116,7 @@ class Estimate:
         """The size to compare with the download cap: compressed if asked for."""
         if compressed and self.compressed_bytes is not None:
             return self.compressed_bytes
+
         return self.bytes if self.bytes is not None else self.compressed_bytes or 0
 
 
@@ -134,6 +142,7 @@ class JourneyHistoryClient:
         """Stream ``window`` into ``path`` (a temporary name); raise a WindowError."""
         with self._translated(window):
             return await self._download(window, path)
+
         raise AssertionError("unreachable: _translated reraises")
 
     @contextmanager
@@ -168,11 +177,13 @@ class JourneyHistoryClient:
         ) as response:
             if response.status == 204:
                 return _empty_part(path)
+
             await _raise_for_status(response)
             info, boundary_seen = await self._stream(window, response, path)
 
         if boundary_seen:
             info = self._keep_window_rows(window, path, info)
+
         return info
 
     async def _stream(
@@ -193,11 +204,14 @@ class JourneyHistoryClient:
                     raise TooLargeError(
                         f"the body reached the {self._cap_bytes:,}-byte download cap"
                     )
+
                 writer.write(decoder.decode(chunk))
+
             decoder.finish()
             # Flushing the part to disk blocks: the other windows stream meanwhile.
             with anyio.CancelScope(shield=True):
                 info = await anyio.to_thread.run_sync(writer.finish)
+
             return info, writer.boundary_seen
         except BaseException:
             writer.discard()
@@ -208,11 +222,13 @@ class JourneyHistoryClient:
         for key in self._request.contact_keys:
             if key in text:
                 text = text.replace(key, "<contact key>")
+
         return text
 
     def _boundary(self, window: Window) -> bytes | None:
         if sfmc.TIME_COLUMN not in self._request.columns:
             return None
+
         return _api_time(window.end)[:19].encode()
 
     def _keep_window_rows(self, window: Window, path: Path, info: PartInfo) -> PartInfo:
@@ -229,6 +245,7 @@ class JourneyHistoryClient:
             logger.debug(
                 "window %s: dropped %d rows of the next window", window, dropped
             )
+
         return PartInfo(kept.rows, kept.bytes, kept.sha256, info.newline)
 
     async def estimate(self, window: Window) -> Estimate | None:
@@ -239,6 +256,7 @@ class JourneyHistoryClient:
             ) as response:
                 await _raise_for_status(response)
                 answer = await read_json(response)
+
         return _parse_estimate(answer)
 
     async def freshness(self) -> float | None:
@@ -247,6 +265,7 @@ class JourneyHistoryClient:
             async with self._call("GET", sfmc.FRESHNESS_PATH) as response:
                 await _raise_for_status(response)
                 answer = await read_json(response)
+
         return _first_number(answer, _LAG_KEYS)
 
     def _accept_encoding(self) -> str:
@@ -281,7 +300,9 @@ class JourneyHistoryClient:
                     await self._tokens.invalidate(token)
                     if attempt == 1:
                         continue
+
                     raise RetryableError("401 Not Authorized twice", status=401)
+
                 yield response
                 return
             finally:
@@ -327,6 +348,7 @@ def _parse_estimate(answer: Mapping[str, Any]) -> Estimate | None:
     )
     if estimate.bytes is None and estimate.compressed_bytes is None:
         return None
+
     return estimate
 
 
@@ -335,8 +357,10 @@ def _first_number(answer: Mapping[str, Any], keys: tuple[str, ...]) -> float | N
         value = answer.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+
         if isinstance(value, str) and value.replace(".", "", 1).isdigit():
             return float(value)
+
     return None
 
 
@@ -369,10 +393,13 @@ async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
         raise ThrottledError(
             described, retry_after=delay, status=status, errorcode=code
         )
+
     if status in RETRYABLE_STATUSES:
         raise RetryableError(described, status=status, errorcode=code)
+
     if status == 413 or (status == 400 and _TOO_LARGE.search(message)):
         raise TooLargeError(described, status=status, errorcode=code)
+
     raise PermanentError(described, status=status, errorcode=code)
 
 
@@ -382,22 +409,27 @@ def retry_after(headers: Mapping[str, str], answer: Mapping[str, Any]) -> float:
         seconds = _seconds(value)
         if seconds is not None:
             return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
     return 0.0
 
 
 def _seconds(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+
     if not isinstance(value, str) or not value.strip():
         return None
+
     try:
         return float(value)
     except ValueError:
         pass
+
     try:
         moment = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+
     return moment.timestamp() - time.time()
 
 

@@ -45,6 +45,7 @@ async def run_export(
             "inclusive, rows stamped exactly on a window boundary appear twice",
             sfmc.TIME_COLUMN,
         )
+
     started = time.monotonic()
     paths = ExportPaths(settings.output)
     try:
@@ -85,6 +86,7 @@ async def run_export(
                 await job.assemble()
             finally:
                 manifest.flush()
+
             if assembler.all_merged():
                 assembler.publish()
 
@@ -117,6 +119,7 @@ def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowR
                 f"--redo {choice!r} names no window of this export, which covers "
                 f"{manifest.request['start']} to {manifest.request['end']}"
             )
+
         chosen += found
 
     return chosen
@@ -167,6 +170,7 @@ def open_manifest(
         _check_same_request(manifest, identity, paths)
         if manifest.complete and settings.output.exists():
             _check_published(manifest, settings.output)
+
         if manifest.complete and not settings.output.exists():
             logger.warning(
                 "%s was removed since it was exported; exporting again", settings.output
@@ -187,6 +191,7 @@ def _check_published(manifest: Manifest, output: Path) -> None:
     """Refuse a complete export whose output was changed since it was written."""
     if output.is_file() and output.stat().st_size == manifest.merged_bytes:
         return
+
     raise ManifestError(
         f"{output} was changed since it was exported (it is not the "
         f"{manifest.merged_bytes:,}-byte file this export wrote); add --restart to "
@@ -252,6 +257,7 @@ def _check_same_request(
             "the minute: {start:%Y%m%dT%H%M}), or delete that file and its "
             ".manifest.json to replace it"
         )
+
     raise ManifestError(
         f"{paths.output} belongs to an unfinished export with a different request "
         f"({shown} differ); rerun with the same options, use another --output, or "

@@ -131,6 +131,7 @@ def plan_since_last(
     chosen = {**options, "start": begin, "end": iso(end)}
     if parse_time(begin, now=now, name="start") >= end:
         return SinceLast(None, path, key, begin)
+
     return SinceLast(chosen, path, key, begin)
 
 
@@ -165,11 +166,13 @@ def _skip_unrecorded(
         finished = _complete_export(ExportPaths(settings.output), settings)
         if finished is None:
             return begin
+
         logger.warning(
             "%s completed without its end being recorded; recording it", settings.output
         )
         record_end(state, key, end=finished, output=str(settings.output))
         begin = finished
+
     return begin
 
 
@@ -177,10 +180,12 @@ def _complete_export(paths: ExportPaths, settings: Any) -> str | None:
     """The end of the complete export of this request and start in ``paths``."""
     if not paths.manifest.exists():
         return None
+
     try:
         manifest = Manifest.load(paths.manifest)
     except ManifestError:
         return None
+
     identity = request_identity(settings)
     same = all(
         manifest.request.get(name) == value

@@ -55,6 +55,7 @@ class Assembler:
         self.paths.parts.mkdir(parents=True, exist_ok=True)
         for leftover in self.paths.parts.glob("*.tmp"):
             leftover.unlink()
+
         self._reconcile_partial()
         self._reconcile_parts()
         self.manifest.save()
@@ -78,6 +79,7 @@ class Assembler:
         for record in self.manifest.windows:
             if record.state != DONE:
                 continue
+
             part = self.paths.part(record.window)
             if not verify_part(part, size=record.bytes, sha256=record.sha256 or ""):
                 logger.warning(
@@ -103,6 +105,7 @@ class Assembler:
         reopen = [r for r in records if r.state != PENDING]
         if not reopen:
             return 0
+
         self.paths.parts.mkdir(parents=True, exist_ok=True)
         source = self.paths.output if self.manifest.complete else self.paths.partial
 
@@ -111,10 +114,12 @@ class Assembler:
         ]
         if offsets:
             self._cut(min(offsets), reopen, source)
+
         self.manifest.complete = False
         for record in reopen:
             self.paths.part(record.window).unlink(missing_ok=True)
             record.state, record.provisional = PENDING, False
+
         self.manifest.save()
         self._reconcile_parts()
         return len(reopen)
@@ -126,14 +131,17 @@ class Assembler:
             for record, end in zip(merged, ends, strict=True):
                 if (record.offset or 0) < offset:
                     continue
+
                 if record not in reopen:
                     self._extract(assembled, record, end)
+
                 record.state, record.offset = DONE, None
 
             if source == self.paths.partial:
                 os.truncate(self.paths.partial, offset)
             else:
                 self._copy_head(assembled, offset)
+
         self.manifest.merged_bytes = offset
 
     def _copy_head(self, assembled: BinaryIO, length: int) -> None:
@@ -142,6 +150,7 @@ class Assembler:
         with open_private(self.paths.partial) as partial:
             for block in _read_range(assembled, length):
                 partial.write(block)
+
             partial.flush()
             os.fsync(partial.fileno())
 
@@ -156,12 +165,14 @@ class Assembler:
         blocks = _read_range(partial, end - start)
         if self._gzip:
             blocks = _inflate(blocks)
+
         skip = len(self._header_line()) if start == 0 else 0
         with open_private(self.paths.part(record.window)) as target:
             for block in blocks:
                 taken = block[skip:]
                 skip = max(0, skip - len(block))
                 target.write(taken)
+
             target.flush()
             os.fsync(target.fileno())
 
@@ -170,13 +181,17 @@ class Assembler:
         newline = self._newline()
         if newline is None:
             return []
+
         ready: list[Path] = []
         for record in self.manifest.windows:
             if record.state == MERGED:
                 continue
+
             if record.state != DONE:
                 break
+
             ready.append(self.paths.part(record.window))
+
         return ready
 
     def append(self, part: Path) -> int:
@@ -187,11 +202,13 @@ class Assembler:
         with open_private(self.paths.partial, append=True) as output:
             if self.manifest.merged_bytes == 0:
                 self._write(output, [self._header_line()])
+
             with part.open("rb") as source:
                 if self._gzip:
                     self._write(output, iter(lambda: source.read(BLOCK), b""))
                 else:
                     shutil.copyfileobj(source, output, BLOCK)
+
             output.flush()
             os.fsync(output.fileno())
             return output.tell()
@@ -205,11 +222,13 @@ class Assembler:
         if not self._gzip:
             for block in blocks:
                 output.write(block)
+
             return
 
         packer = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
         for block in blocks:
             output.write(packer.compress(block))
+
         output.write(packer.flush())
 
     def appended(self, part: Path, size: int) -> None:
@@ -219,6 +238,7 @@ class Assembler:
                 record.state = MERGED
                 record.offset = self.manifest.merged_bytes
                 break
+
         self.manifest.merged_bytes = size
         self.manifest.newline = self._newline()
         self.manifest.checkpoint()
@@ -229,6 +249,7 @@ class Assembler:
         """Give the output its name once every window is in it."""
         if self.manifest.merged_bytes == 0:
             self.append_header_only()
+
         os.replace(self.paths.partial, self.paths.output)
         fsync_directory(self.paths.output.parent)
         self.manifest.complete = True
@@ -250,9 +271,11 @@ class Assembler:
         """The output's newline: the first known, or LF once nothing else can tell."""
         if self.manifest.newline:
             return self.manifest.newline
+
         for record in self.manifest.windows:
             if record.newline:
                 return record.newline
+
         finished = all(r.state in (DONE, MERGED) for r in self.manifest.windows)
         return "\n" if finished else None
 
@@ -262,6 +285,7 @@ def _read_range(stream: BinaryIO, length: int) -> Iterator[bytes]:
         block = stream.read(min(length, BLOCK))
         if not block:
             return
+
         length -= len(block)
         yield block
 

@@ -110,6 +110,7 @@ class PartWriter:
         """Take the next decoded bytes of the body."""
         if self._head is not None:
             data = self._take_header(data)
+
         if data:
             self._watch_boundary(data)
             self._emit(data)
@@ -119,6 +120,7 @@ class PartWriter:
         if self._head:
             self._check_header(bytes(self._head).rstrip(b"\r\n"))
             self._newline = "\r\n" if self._head.endswith(b"\r\n") else "\n"
+
         self._head = None
         if self._counter.in_quotes:
             raise RetryableError(
@@ -127,6 +129,7 @@ class PartWriter:
 
         if self._size and self._last != b"\n":
             self._emit((self._newline or "\n").encode())
+
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -149,6 +152,7 @@ class PartWriter:
         if end < 0:
             if len(self._head) > MAX_HEADER_BYTES:
                 raise PermanentError("the body has no header line in its first 64 KiB")
+
             return b""
 
         line = bytes(self._head[: end + 1])
@@ -172,6 +176,7 @@ class PartWriter:
     def _watch_boundary(self, data: bytes) -> None:
         if self._boundary is None or self.boundary_seen:
             return
+
         keep = len(self._boundary) - 1
         seam = self._tail + data[:keep]  # a stamp across pieces, however small
         self.boundary_seen = self._boundary in seam or self._boundary in data
@@ -196,6 +201,7 @@ def iter_rows(path: Path) -> Iterator[bytes]:
             if not counter.in_quotes:
                 yield pending
                 pending = b""
+
     if pending:
         yield pending
 
@@ -220,6 +226,7 @@ def keep_window_rows(
         for row in iter_rows(path):
             if start <= _row_time(row, time_index, delimiter) < end:
                 writer.write(row)
+
         info = writer.finish()
     except BaseException:
         writer.discard()
@@ -238,8 +245,10 @@ def _row_time(row: bytes, index: int, delimiter: str) -> dt.datetime:
         raise PermanentError(
             f"a row's TransactionTime cannot be read: {fields[index : index + 1]!r}"
         ) from None
+
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
+
     return moment
 
 
@@ -248,10 +257,12 @@ def verify_part(path: Path, *, size: int, sha256: str) -> bool:
     try:
         if path.stat().st_size != size:
             return False
+
         digest = hashlib.sha256()
         with path.open("rb") as stream:
             while block := stream.read(1 << 20):
                 digest.update(block)
     except OSError:
         return False
+
     return digest.hexdigest() == sha256

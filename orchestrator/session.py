@@ -61,6 +61,7 @@ async def read_json(response: aiohttp.ClientResponse) -> dict[str, Any]:
         piece = await response.content.read(MAX_JSON_BYTES - size)
         if not piece:
             break
+
         pieces.append(piece)
         size += len(piece)
 
@@ -68,4 +69,5 @@ async def read_json(response: aiohttp.ClientResponse) -> dict[str, Any]:
         answer = json.loads(b"".join(pieces))
     except ValueError:
         return {}
+
     return answer if isinstance(answer, dict) else {}

@@ -16,6 +16,7 @@ from orchestrator.errors import StateWriteError
 from orchestrator.export import ExportResult, Hooks, run_export
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.sandbox import SandboxServer, SandboxSettings, parse_faults
+from orchestrator.sandbox.faults import DOWNLOAD_KINDS
 from tests.conftest import (
     HOUR,
     credentials_for,
@@ -51,22 +52,13 @@ def sandbox_with(faults: str, **changes: Any) -> SandboxServer:
     return SandboxServer(settings)
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "throttle",
-        "blocked",
-        "unavailable",
-        "error500",
-        "error502",
-        "error504",
-        "reset",
-        "cut_length",
-        "cut_chunked",
-        "cut_gzip",
-        "token_revoked",
-    ],
-)
+# Every download fault but the slow ones (stall and slow_first_byte have their tests).
+QUICK_KINDS = [
+    kind for kind in DOWNLOAD_KINDS if kind not in ("stall", "slow_first_byte")
+]
+
+
+@pytest.mark.parametrize("kind", QUICK_KINDS)
 async def test_a_fault_on_every_first_attempt_is_retried(
     tmp_path: Path, kind: str
 ) -> None:

@@ -144,6 +144,7 @@ def _activities(rng: random.Random) -> tuple[Activity, ...]:
 def _activity_name(kind: str, index: int) -> str:
     if kind == "trigger":
         return "Journey Entry"
+
     label = ACTIVITY_LABELS.get(kind, kind.title())
     return f"{label} {index}"
 
@@ -153,11 +154,14 @@ def _contact_key(rng: random.Random, index: int) -> str:
     if draw < 0.45:
         first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
         return f"{first}.{last}{index}@{rng.choice(DOMAINS)}"
+
     if draw < 0.90:
         alphabet = string.ascii_letters + string.digits
         return "0035e" + "".join(rng.choices(alphabet, k=13))
+
     if draw < 0.95:
         return f"{rng.choice(LAST_NAMES).title()}, {index}"
+
     return f'ext"{index}"'
 
 
@@ -168,4 +172,5 @@ def _result_messages(rng: random.Random) -> str:
         keys = rng.sample(MESSAGE_KEYS[1:], rng.randint(1, 3))
         pairs.extend(f"{key}:{rng.choice(MESSAGE_DETAILS)}" for key in keys)
         parts.append(";".join(pairs))
+
     return "|".join(parts)
