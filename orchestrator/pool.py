@@ -28,6 +28,7 @@ from orchestrator.retry import AdaptiveLimiter, RetryPolicy, ThrottleGate
 logger = logging.getLogger(__name__)
 
 Fetch = Callable[[WindowRecord], Awaitable[PartInfo]]
+MIN_THROTTLE_PAUSE = 1.0
 
 
 @dataclass(slots=True)
@@ -152,7 +153,11 @@ class WindowPool:
 
     def _throttled(self, error: ThrottledError) -> None:
         self.stats.throttled += 1
-        pause = error.retry_after or self._policy.settings.backoff_initial_seconds
+        # No Retry-After (50200: too many at once) still pauses everyone a while:
+        # a short pause would only let the same requests collide again.
+        pause = error.retry_after or max(
+            MIN_THROTTLE_PAUSE, self._policy.settings.backoff_initial_seconds
+        )
         self._gate.pause(pause)
         self._limiter.throttled()
 

@@ -57,8 +57,9 @@ class ThrottleGate:
 class AdaptiveLimiter:
     """A capacity limiter that halves on throttling and grows by one after successes.
 
-    It never goes above ``maximum`` nor below one. Growth needs as many successes in a
-    row as the current limit, so it climbs back slowly.
+    It never goes above ``maximum`` nor below one. Growth needs twice as many
+    successes in a row as the current limit (at least four), so it climbs back
+    slowly.
     """
 
     def __init__(self, maximum: int) -> None:
@@ -85,7 +86,7 @@ class AdaptiveLimiter:
 
     def succeeded(self) -> None:
         self._successes += 1
-        if self._successes >= self.limit and self.limit < self.maximum:
+        if self._successes >= max(4, 2 * self.limit) and self.limit < self.maximum:
             self._successes = 0
             self._limiter.total_tokens = self.limit + 1
             logger.debug("concurrency back up to %d", self.limit)

@@ -124,9 +124,11 @@ def test_limiter_halves_on_throttling_and_grows_back_slowly() -> None:
     limiter.throttled()
     assert limiter.limit == 2
 
-    for _ in range(2):
+    for _ in range(3):
         limiter.succeeded()
+    assert limiter.limit == 2
+    limiter.succeeded()
     assert limiter.limit == 3
-    for _ in range(3 + 4 + 5 + 6 + 7 + 8 + 9):
+    for _ in range(6 + 8 + 10 + 12 + 14):
         limiter.succeeded()
     assert limiter.limit == 8
