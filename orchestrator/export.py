@@ -70,7 +70,9 @@ async def run_export(
         if not manifest.complete:
             assembler.reconcile()
 
-        if reopened := assembler.reopen_provisional():
+        # Provisional windows are refreshed once an export is complete; a rerun
+        # that finishes a failed export leaves them be, so reruns converge.
+        if manifest.complete and (reopened := assembler.reopen_provisional()):
             logger.info("%d provisional windows to request again", reopened)
 
         if settings.redo:

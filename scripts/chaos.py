@@ -68,14 +68,26 @@ RATE_KINDS = (
     "slow_first_byte",
     "token_revoked",
 )
-WINDOWS = ("1h", "1h", "1h", "30m", "20m", "15m", "2h")
+WINDOWS = ("1h", "1h", "1h", "1h", "30m", "20m", "15m", "10m", "2h")
 STATUS_FILTERS = (("Failed",), ("complete", "Active"), ("Waiting", "Unknown"))
-# A one-minute window never holds more than about 10 kB: caps above it can be met.
+# A one-minute window never holds more than about 10 kB: caps above it can be met
+# by splitting. (Our own --safety-cap-mb cannot go below 1 MB, more than the
+# windows here hold, so only the server's cap makes windows split.)
 CAPS = (12_000, 20_000, 40_000)
 READ_TIMEOUT = 0.6
 STALL_SECONDS = 2.0
 RUN_TIMEOUT = 120.0
-MAX_RUNS = 40
+MAX_RUNS = 15
+FRAGMENT_BYTES = 512
+# Log text that a healthy sandbox (one that never lies about its bodies) must never
+# cause: a body refused as permanently wrong, or a window that cannot be exported.
+UNEXPECTED = (
+    "is not deflate data",
+    "is not gzip data",
+    "not the requested",
+    "cannot be split further",
+    "has no header line",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +121,13 @@ class Scenario:
     statuses: tuple[str, ...]
     config: str
     kills: tuple[Kill, ...]
-    rerun_when_complete: bool
+    again: tuple[Kill, ...] | None
+    fragment: str
 
     def describe(self) -> str:
         names = ("end_inclusive", "empty_window", "newline", "bom", "transfer")
         shown = [f"{name}={self.sandbox[name]}" for name in names]
+        shown.append(f"fragment={self.fragment}")
         flags = [flag for flag in self.flags if not flag.startswith("--columns")]
         return " ".join([*shown, f"columns={len(self.columns)}", *flags])
 
@@ -154,16 +168,19 @@ class Outcome:
 # Drawing a scenario
 
 
-def draw_scenario(seed: int, index: int) -> Scenario:
+def draw_scenario(seed: int, index: int, fragment: str) -> Scenario:
     rng = random.Random(f"chaos:{seed}:{index}")
+    fragmented = rng.random() < 0.25  # drawn always: --fragment none keeps the rest
     sandbox = draw_sandbox(rng)
     fmt = rng.choice(["csv", "tsv"])
     inclusive = sandbox["end_inclusive"] == "true"
     columns = draw_columns(rng, inclusive)
     start, end, window = draw_range(rng)
     statuses = rng.choice(STATUS_FILTERS) if rng.random() < 0.15 else ()
-    cap = draw_cap(rng, sandbox)
-    flags = draw_flags(rng, fmt, columns, window, statuses, cap)
+    if rng.random() < 0.2:  # the server refuses a large body: 400 errorcode 10006
+        sandbox.update(cap_bytes=str(rng.choice(CAPS)), cap_behaviour="error")
+
+    flags = draw_flags(rng, fmt, columns, window, statuses)
     return Scenario(
         index=index,
         seed=f"{seed}:{index}",
@@ -178,7 +195,8 @@ def draw_scenario(seed: int, index: int) -> Scenario:
         statuses=statuses,
         config=draw_config(rng),
         kills=draw_kills(rng),
-        rerun_when_complete=rng.random() < 0.3,
+        again=draw_again(rng),
+        fragment=fragment if fragmented else "none",
     )
 
 
@@ -213,6 +231,7 @@ def draw_faults(rng: random.Random) -> str:
     ]
     if rng.random() < 0.4:
         items.append(f"token_error={rng.uniform(0.02, 0.2):.3f}")
+
     items += [
         f"stall_seconds={STALL_SECONDS}",
         f"first_byte_seconds={rng.choice([0.3, 1.5])}",
@@ -226,12 +245,15 @@ def draw_columns(rng: random.Random, end_inclusive: bool) -> tuple[str, ...]:
     choice = rng.random()
     if choice < 0.4:
         return sfmc.DEFAULT_COLUMNS
+
     if choice < 0.7:
         return sfmc.COLUMNS  # Result.Messages: quotes, separators, line breaks
+
     picked = rng.sample(sfmc.COLUMNS, rng.randint(2, 10))
     if sfmc.TIME_COLUMN not in picked and (end_inclusive or rng.random() < 0.5):
         # Without TransactionTime an inclusive end repeats boundary rows (README).
         picked.insert(rng.randrange(len(picked) + 1), sfmc.TIME_COLUMN)
+
     return tuple(picked)
 
 
@@ -244,25 +266,17 @@ def draw_range(rng: random.Random) -> tuple[dt.datetime, dt.datetime, dt.timedel
         end = end.replace(microsecond=end.microsecond // 1000 * 1000)
     else:
         end = hour - (3 + rng.randrange(72)) * HOUR
+
     start = end - rng.randint(3, 6) * HOUR
     if rng.random() < 0.4:  # short first and last windows, odd milliseconds
-        start += dt.timedelta(minutes=rng.randint(1, 50), milliseconds=rng.randrange(1000))
-        end -= dt.timedelta(minutes=rng.randint(0, 20), milliseconds=rng.randrange(1000))
+        start += dt.timedelta(
+            minutes=rng.randint(1, 50), milliseconds=rng.randrange(1000)
+        )
+        end -= dt.timedelta(
+            minutes=rng.randint(0, 20), milliseconds=rng.randrange(1000)
+        )
+
     return start, end, window
-
-
-def draw_cap(rng: random.Random, sandbox: dict[str, str]) -> int | None:
-    """Download caps that make windows split: ours, the server's, or both."""
-    choice = rng.random()
-    cap = rng.choice(CAPS)
-    if choice < 0.15:
-        return cap
-    if choice < 0.25:  # the server refuses a large body with 400 errorcode 10006
-        sandbox.update(cap_bytes=str(cap), cap_behaviour="error")
-    elif choice < 0.35:  # the server cuts a large body; our lower cap splits first
-        sandbox.update(cap_bytes=str(cap), cap_behaviour="cut")
-        return cap // 2
-    return None
 
 
 def draw_flags(
@@ -271,7 +285,6 @@ def draw_flags(
     columns: tuple[str, ...],
     window: dt.timedelta,
     statuses: tuple[str, ...],
-    cap: int | None,
 ) -> tuple[str, ...]:
     flags = [
         f"--format={fmt}",
@@ -282,12 +295,13 @@ def draw_flags(
     ]
     if rng.random() < 0.2:
         flags.append("--keep-parts")
+
     if rng.random() < 0.3:
         flags.append("--no-estimate")
+
     if statuses:
         flags.append(f"--status={','.join(statuses)}")
-    if cap is not None:
-        flags.append(f"--safety-cap-mb={cap / 1e6:g}")
+
     return tuple(flags)
 
 
@@ -306,6 +320,7 @@ def draw_config(rng: random.Random) -> str:
 def draw_kills(rng: random.Random) -> tuple[Kill, ...]:
     if rng.random() < 0.25:
         return ()
+
     kills = []
     for _ in range(rng.choice([1, 1, 2, 2, 3, 4])):
         kind = rng.random()
@@ -316,12 +331,113 @@ def draw_kills(rng: random.Random) -> tuple[Kill, ...]:
             kills.append(Kill(signal.SIGTERM, after))
         else:  # SIGKILL while the SIGTERM is being handled
             kills.append(Kill(signal.SIGTERM, after, rng.uniform(0.0, 0.2)))
+
     return tuple(kills)
+
+
+def draw_again(rng: random.Random) -> tuple[Kill, ...] | None:
+    """Whether to run the command again once complete, and how to kill that run."""
+    if rng.random() < 0.7:
+        return None
+
+    return draw_kills(rng)[:1] if rng.random() < 0.5 else ()
 
 
 def parse_span(text: str) -> dt.timedelta:
     number, unit = int(text[:-1]), text[-1]
     return dt.timedelta(hours=number) if unit == "h" else dt.timedelta(minutes=number)
+
+
+# The network: a proxy on 127.0.0.1 that delivers answers in small pieces
+
+
+class FragmentingProxy:
+    """Forward TCP to the sandbox, delivering the first FRAGMENT_BYTES of each
+    answer's body in pieces of 1 to 16 bytes, 1 ms apart, as a slow or congested
+    link does. Bytes are never changed, dropped or reordered: only their timing.
+
+    ``scope`` "files" slices only download bodies (Content-Disposition:
+    attachment); "all" slices every answer, tokens and JSON included.
+    """
+
+    def __init__(self, target_port: int, scope: str, seed: str) -> None:
+        self.port = 0
+        self._target = target_port
+        self._scope = scope
+        self._rng = random.Random(seed)
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _connect(
+        self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter
+    ) -> None:
+        try:
+            server, to_server = await asyncio.open_connection("127.0.0.1", self._target)
+        except OSError:
+            to_client.close()
+            return
+
+        await asyncio.gather(
+            self._forward(client, to_server), self._answers(server, to_client)
+        )
+
+    async def _forward(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _answers(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        recent, remaining = b"", 0
+        try:
+            while data := await reader.read(65536):
+                while data:
+                    if remaining:
+                        size = min(len(data), remaining, self._rng.randint(1, 16))
+                        await self._send(writer, data[:size], pause=0.001)
+                        data, remaining = data[size:], remaining - size
+                        continue
+
+                    seen = recent + data
+                    end = seen.find(b"\r\n\r\n")
+                    if end < 0:
+                        await self._send(writer, data)
+                        recent, data = seen[-4096:], b""
+                        continue
+
+                    cut = end + 4 - len(recent)
+                    await self._send(writer, data[:cut])
+                    head, recent, data = seen[: end + 4], b"", data[cut:]
+                    if self._scope == "all" or b"attachment" in head[-2048:]:
+                        remaining = FRAGMENT_BYTES
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _send(
+        writer: asyncio.StreamWriter, data: bytes, pause: float = 0
+    ) -> None:
+        writer.write(data)
+        await writer.drain()
+        if pause:
+            await asyncio.sleep(pause)
 
 
 # The sandbox, served from a thread of this process
@@ -332,6 +448,7 @@ class ThreadSandbox:
 
     def __init__(self, options: dict[str, str]) -> None:
         self.server = SandboxServer(settings_from_options(options))
+        self.proxy: FragmentingProxy | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
@@ -341,15 +458,31 @@ class ThreadSandbox:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if self.proxy is not None:
+            self._call(self.proxy.close())
+
         self._call(self.server.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
 
-    def set_faults(self, spec: str) -> None:
+    @property
+    def port(self) -> int:
+        """Where exports connect: the proxy when there is one."""
+        return self.proxy.port if self.proxy else self.server.port
+
+    def set_faults(self, spec: str, fragment: str, seed: str) -> None:
+        """Switch faults on and forget the counts of the clean run."""
+
         async def switch() -> None:
             self.server.update(faults=parse_faults(spec))
             self.server.stats.reset()
+            if fragment != "none":
+                self.proxy = FragmentingProxy(self.server.port, fragment, seed)
+                await self.proxy.start()
+                # The token answer names the REST URL; point it at the proxy too.
+                # The sandbox has no setting for it, hence its private attribute.
+                self.server._app.base_url = f"http://127.0.0.1:{self.proxy.port}/"
 
         self._call(switch())
 
@@ -382,6 +515,7 @@ def ground_truth(scenario: Scenario) -> bytes:
         parts.append(
             render(rows, scenario.columns, scenario.fmt, newline=newline, header=False)
         )
+
     return b"".join(parts)
 
 
@@ -412,6 +546,7 @@ def sandbox_command(scenario: Scenario) -> list[str]:
     command = [*PYTHON, "sandbox", "--port", "8765"]
     for key, value in scenario.sandbox.items():
         command += ["--set", f"{key}={value}"]
+
     return [*command, "--fault", scenario.faults]
 
 
@@ -443,6 +578,7 @@ def run_export(
             process.kill()
             process.wait()
             sent, code = "hang", -999
+
     text = log.read_text(errors="replace")
     return Run(code, sent, time.monotonic() - started, text)
 
@@ -455,6 +591,7 @@ def _signal_later(
         return None  # it ended first
     except subprocess.TimeoutExpired:
         pass
+
     process.send_signal(kill.signal)
     name = "kill" if kill.signal == signal.SIGKILL else "term"
     if kill.then_kill is not None:
@@ -463,12 +600,18 @@ def _signal_later(
         except subprocess.TimeoutExpired:
             process.kill()
             name = "term+kill"
+
     return name
 
 
 def check_run(run: Run, outcome: Outcome) -> None:
     """Record a run's code, and a problem if the code or its stderr is wrong."""
     outcome.runs.append(f"{run.sent}:{run.code}" if run.sent else str(run.code))
+    for text in UNEXPECTED:
+        if text in run.stderr:
+            found = [ln for ln in run.stderr.splitlines() if text in ln][:1]
+            outcome.problems.append(f"unexpected error from a healthy server: {found}")
+
     allowed = {0, 1}
     if run.sent == "kill":
         allowed |= {-signal.SIGKILL}
@@ -476,38 +619,38 @@ def check_run(run: Run, outcome: Outcome) -> None:
         allowed |= {130, -signal.SIGTERM}
     elif run.sent == "term+kill":
         allowed |= {130, -signal.SIGTERM, -signal.SIGKILL}
+
     if run.code not in allowed:
         last = run.stderr.strip().splitlines()[-3:]
         outcome.problems.append(f"exit {run.code} after {run.sent}: {last}")
+
     if "Traceback" in run.stderr:
         outcome.problems.append("traceback: " + run.stderr[-1500:])
 
 
 def export_until_done(
-    scenario: Scenario,
     command: list[str],
     env: dict[str, str],
     logs: Path,
+    kills: Sequence[Kill],
     clean_seconds: float,
-) -> tuple[Outcome, list[Run]]:
+    outcome: Outcome,
+) -> None:
     """Run the same command until it exits 0, killing the first runs as drawn."""
-    outcome = Outcome(scenario.index, scenario.seed)
-    runs: list[Run] = []
-    kills = list(scenario.kills)
-    while len(runs) < MAX_RUNS:
-        kill = kills.pop(0) if kills else None
-        log = logs / f"run{len(runs)}.log"
+    pending = list(kills)
+    for number in range(MAX_RUNS):
+        kill = pending.pop(0) if pending else None
+        log = logs / f"run{len(outcome.runs)}.log"
         run = run_export(command, env, log, kill, clean_seconds)
-        runs.append(run)
         check_run(run, outcome)
         if run.code == 0:
-            break
+            return
+
         if run.sent == "hang":
-            outcome.problems.append(f"run {len(runs)} hung for {RUN_TIMEOUT:.0f} s")
-            break
-    else:
-        outcome.problems.append(f"not complete after {MAX_RUNS} runs")
-    return outcome, runs
+            outcome.problems.append(f"run {number + 1} hung for {RUN_TIMEOUT:.0f} s")
+            return
+
+    outcome.problems.append(f"not complete after {MAX_RUNS} runs")
 
 
 def clean_export(command: list[str], env: dict[str, str], folder: Path) -> Run:
@@ -517,6 +660,7 @@ def clean_export(command: list[str], env: dict[str, str], folder: Path) -> Run:
         run = run_export(command, env, folder / f"clean{attempt}.log")
         if run.code != 1:
             break
+
     run.seconds = (time.monotonic() - started) / (attempt + 1)
     return run
 
@@ -530,25 +674,30 @@ def run_scenario(scenario: Scenario, work: Path) -> Outcome:
     folder.mkdir(parents=True)
     config = folder / "chaos.toml"
     config.write_text(scenario.config)
+    config.chmod(0o600)
     clean = folder / f"clean.{scenario.fmt}"
     chaos = folder / f"chaos.{scenario.fmt}"
     with ThreadSandbox(scenario.sandbox) as sandbox:
-        env = environment(sandbox.server.port)
-        first = clean_export(export_command(scenario, clean, config), env, folder)
-        sandbox.set_faults(scenario.faults)
-        command = export_command(scenario, chaos, config)
-        outcome, _ = export_until_done(
-            scenario, command, env, folder, first.seconds
+        first = clean_export(
+            export_command(scenario, clean, config), environment(sandbox.port), folder
         )
-        if scenario.rerun_when_complete and not outcome.problems:
-            again = run_export(command, env, folder / "again.log")
-            check_run(again, outcome)
-            if again.code != 0:
-                outcome.problems.append(f"rerun of a complete export: exit {again.code}")
+        sandbox.set_faults(scenario.faults, scenario.fragment, scenario.seed)
+        env = environment(sandbox.port)
+        command = export_command(scenario, chaos, config)
+        outcome = Outcome(scenario.index, scenario.seed)
+        export_until_done(command, env, folder, scenario.kills, first.seconds, outcome)
+        if scenario.again is not None and not outcome.problems:
+            # The same command once more: complete exports stay as they are, and
+            # provisional windows (a recent range) are requested again.
+            outcome.runs.append("|")
+            kills = scenario.again
+            export_until_done(command, env, folder, kills, first.seconds, outcome)
+
         outcome.faults = sandbox.faults()
 
     if first.code != 0:
         outcome.problems.append(f"clean run exit {first.code}: {first.stderr[-500:]}")
+
     compare(scenario, clean, chaos, outcome)
     check_leftovers(scenario, chaos, outcome)
     outcome.seconds = time.monotonic() - started
@@ -556,7 +705,8 @@ def run_scenario(scenario: Scenario, work: Path) -> Outcome:
     outcome.reproduce = (
         f"{shlex.join(sandbox_command(scenario))}\n"
         f"  (config {config}: {scenario.config!r})\n"
-        f"  {shlex.join(command)}\n  kills {scenario.kills}"
+        f"  {shlex.join(command)}\n  kills {scenario.kills}, "
+        f"fragmenting proxy: {scenario.fragment}"
     )
     return outcome
 
@@ -571,21 +721,35 @@ def compare(scenario: Scenario, clean: Path, chaos: Path, outcome: Outcome) -> N
         outcome.problems.append("no output")
         outcome.rows_lost = outcome.rows_expected
         return
+
     data = chaos.read_bytes()
     found = parsed_rows(data, scenario.fmt)
     outcome.rows_lost = sum((expected - found).values())
     outcome.rows_duplicated = sum((found - expected).values())
     outcome.identical = data == clean_bytes
+    if not outcome.identical:
+        doubled = [",".join(row)[:60] for row in (found - expected)][:3]
+        outcome.problems.append(
+            f"output differs from the clean run: {outcome.rows_lost} rows lost, "
+            f"{outcome.rows_duplicated} duplicated {doubled}"
+        )
+
     if not outcome.clean_is_truth:
         outcome.problems.append("the clean run differs from the ground truth")
 
 
 def check_leftovers(scenario: Scenario, output: Path, outcome: Outcome) -> None:
+    """Once complete: no partial output, no parts but those asked to be kept."""
     paths = ExportPaths(output)
+    if not output.exists():
+        return
+
     if paths.partial.exists():
         outcome.problems.append("the .partial file is left behind")
+
     if paths.manifest.exists() and not Manifest.load(paths.manifest).complete:
         outcome.problems.append("the manifest is not complete")
+
     if paths.parts.exists():
         stray = [p.name for p in paths.parts.iterdir() if not p.name.endswith(".part")]
         if stray:
@@ -594,8 +758,8 @@ def check_leftovers(scenario: Scenario, output: Path, outcome: Outcome) -> None:
             outcome.problems.append("the parts folder is left behind")
 
 
-def scenario_job(seed: int, index: int, work: str) -> Outcome:
-    scenario = draw_scenario(seed, index)
+def scenario_job(seed: int, index: int, work: str, fragment: str) -> Outcome:
+    scenario = draw_scenario(seed, index, fragment)
     try:
         return run_scenario(scenario, Path(work))
     except Exception as error:  # report it as this scenario's failure, go on
@@ -614,16 +778,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="scenarios at once")
     parser.add_argument("--first", type=int, default=0, help="first scenario index")
     parser.add_argument("--work", type=Path, help="folder for outputs (kept)")
+    parser.add_argument(
+        "--fragment",
+        choices=["files", "all", "none"],
+        default="files",
+        help="in a quarter of the scenarios, deliver the start of download bodies "
+        "(files) or of every answer (all) in small pieces through a proxy",
+    )
     return parser.parse_args(argv)
 
 
 def line(outcome: Outcome) -> str:
     state = "ok  " if outcome.ok else "FAIL"
     faults = sum(outcome.faults.values())
+    identical = "yes" if outcome.identical else "NO"
     return (
         f"{state} #{outcome.index:<4d} seed {outcome.seed:<8s} "
         f"rows {outcome.rows_expected:5d} lost {outcome.rows_lost} "
-        f"dup {outcome.rows_duplicated} identical {'yes' if outcome.identical else 'NO'} "
+        f"dup {outcome.rows_duplicated} identical {identical} "
         f"faults {faults:3d} runs {','.join(outcome.runs)} {outcome.seconds:.1f}s | "
         f"{outcome.describe}"
     )
@@ -634,6 +806,7 @@ def summary(outcomes: list[Outcome], seconds: float) -> list[str]:
     faults: collections.Counter[str] = collections.Counter()
     for outcome in outcomes:
         faults.update(outcome.faults)
+
     runs = [code for o in outcomes for code in o.runs]
     kills = sum(code.startswith("kill") for code in runs)
     terms = sum(code.startswith("term") for code in runs)
@@ -661,7 +834,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes: list[Outcome] = []
     indexes = range(args.first, args.first + args.scenarios)
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        jobs = [pool.submit(scenario_job, args.seed, i, str(work)) for i in indexes]
+        jobs = [
+            pool.submit(scenario_job, args.seed, i, str(work), args.fragment)
+            for i in indexes
+        ]
         for job in concurrent.futures.as_completed(jobs):
             outcome = job.result()
             outcomes.append(outcome)
@@ -673,6 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n#{outcome.index} seed {outcome.seed}:")
             print("\n".join(f"  problem: {p}" for p in outcome.problems))
             print(f"  reproduce: {outcome.reproduce}")
+
     print()
     print("\n".join(summary(outcomes, time.monotonic() - started)))
     return 0 if all(outcome.ok for outcome in outcomes) else 1

@@ -95,6 +95,7 @@ def draw_faults(rng: random.Random, rule_kind: str) -> str:
     items = [f"{kind}={rate:.3f}" for kind, rate in zip(kinds, rates, strict=True)]
     if rng.random() < 0.5:
         items.append(f"token_error={rng.uniform(0.05, 0.2):.3f}")
+
     rule = "token_error@1" if rule_kind == "token_error" else f"{rule_kind}@1"
     items += [
         rule,
@@ -110,12 +111,15 @@ def draw_columns(rng: random.Random, end_inclusive: bool) -> tuple[str, ...]:
     choice = rng.random()
     if choice < 0.4:
         return sfmc.DEFAULT_COLUMNS
+
     if choice < 0.7:
         return sfmc.COLUMNS  # Result.Messages: quotes, separators, line breaks
+
     picked = rng.sample(sfmc.COLUMNS, rng.randint(2, 10))
     if sfmc.TIME_COLUMN not in picked and (end_inclusive or rng.random() < 0.5):
         # Without TransactionTime an inclusive end repeats boundary rows (README).
         picked.insert(rng.randrange(len(picked) + 1), sfmc.TIME_COLUMN)
+
     return tuple(picked)
 
 
@@ -131,6 +135,7 @@ def draw_range(rng: random.Random) -> tuple[dt.datetime, dt.datetime, dt.timedel
         end -= dt.timedelta(
             minutes=rng.randint(1, 50), milliseconds=rng.randrange(1000)
         )
+
     return start, end, span
 
 
@@ -140,10 +145,13 @@ def draw_caps(rng: random.Random) -> dict[str, Any]:
     cap = rng.choice(CAPS)
     if choice < 0.15:  # our safety cap: split on the estimate or mid-download
         return {"cap_bytes": cap}
+
     if choice < 0.25:  # the server refuses a large body with 400 errorcode 10006
         return {"sandbox": {"cap_bytes": cap, "cap_behaviour": "error"}}
+
     if choice < 0.35:  # the server cuts a large body; our lower cap splits first
         return {"cap_bytes": cap // 2, "sandbox": {"cap_bytes": cap}}
+
     return {}
 
 
@@ -208,6 +216,7 @@ async def export_until_complete(
         results.append(result)
         if result.complete:
             break
+
     return results
 
 
@@ -241,6 +250,7 @@ async def test_mixed_faults_end_in_the_exact_ground_truth(
         assert has_rows(sandbox, scenario), scenario
         with anyio.fail_after(60):
             results = await export_until_complete(sandbox, scenario, output)
+
         faults = dict(sandbox.stats.faults)
 
     described = f"seed {seed}: {scenario}, faults {faults}, runs {len(results)}"
@@ -276,6 +286,7 @@ def test_a_boundary_stamp_split_over_three_pieces_is_seen(tmp_path: Path) -> Non
         BOUNDARY_BODY[stamp + 9 :],
     ):
         writer.write(piece)
+
     writer.finish()
 
     assert writer.boundary_seen
