@@ -53,7 +53,8 @@ class Assembler:
     def reconcile(self) -> None:
         """Bring files and manifest into agreement after a stop at any moment."""
         self.paths.parts.mkdir(parents=True, exist_ok=True)
-        for leftover in self.paths.parts.glob("*.tmp"):
+        # *.tmp: a download cut short; *.tmp.kept: a boundary pass cut short.
+        for leftover in self.paths.parts.glob("*.tmp*"):
             leftover.unlink()
 
         self._reconcile_partial()

@@ -168,3 +168,14 @@ def test_paths_sit_beside_the_output(tmp_path: Path) -> None:
 
     assert paths.manifest.name == "x.csv.manifest.json"
     assert paths.part(window).name == "20261103T000000Z_20261103T010000Z.part"
+
+
+def test_reconcile_removes_unfinished_temporary_files(tmp_path: Path) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    paths.parts.mkdir()
+    for name in ("a.tmp", "a.tmp.kept"):
+        (paths.parts / name).write_bytes(b"half")
+
+    Assembler(manifest, paths, header=["A", "B"], delimiter=",").reconcile()
+
+    assert list(paths.parts.iterdir()) == []
