@@ -39,6 +39,23 @@ async def run_export(
 ) -> ExportResult:
     """Export ``settings``' range into its output; safe to rerun after any stop."""
     hooks = hooks or Hooks()
+    started = time.monotonic()
+    _warn_without_time_column(settings)
+    paths = ExportPaths(settings.output)
+
+    with _lock_output(settings, paths):
+        manifest = open_manifest(settings, paths, hooks.now())
+        assembler = _assembler(manifest, paths, settings)
+        _reopen(assembler, settings)
+
+        job = ExportJob(settings, credentials, paths, assembler, hooks)
+        if not manifest.complete:
+            await _download_and_assemble(job, settings, hooks)
+
+        return job.result(time.monotonic() - started)
+
+
+def _warn_without_time_column(settings: RunSettings) -> None:
     if sfmc.TIME_COLUMN not in settings.request.columns:
         logger.warning(
             "%s is not among the columns: if SFMC treats a request's end as "
@@ -46,53 +63,63 @@ async def run_export(
             sfmc.TIME_COLUMN,
         )
 
-    started = time.monotonic()
-    paths = ExportPaths(settings.output)
+
+def _lock_output(settings: RunSettings, paths: ExportPaths) -> OutputLock:
+    """Hold the output's lock; a folder we cannot write in is a usage error."""
     try:
         settings.output.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock = OutputLock(paths.lock).__enter__()
+        return OutputLock(paths.lock).__enter__()
     except OSError as error:
         raise UsageError(
             f"cannot write beside {settings.output} ({error.strerror}); choose an "
             "--output in a folder you can write"
         ) from None
 
-    with lock:
-        manifest = open_manifest(settings, paths, hooks.now())
-        assembler = Assembler(
-            manifest,
-            paths,
-            header=list(settings.request.columns),
-            delimiter=settings.request.delimiter,
-            keep_parts=settings.keep_parts,
-            gzip=settings.gzip_output,
-        )
-        if not manifest.complete:
-            assembler.reconcile()
 
-        # Provisional windows are refreshed once an export is complete; a rerun
-        # that finishes a failed export leaves them be, so reruns converge.
-        if manifest.complete and (reopened := assembler.reopen_provisional()):
-            logger.info("%d provisional windows to request again", reopened)
+def _assembler(
+    manifest: Manifest, paths: ExportPaths, settings: RunSettings
+) -> Assembler:
+    assembler = Assembler(
+        manifest,
+        paths,
+        header=list(settings.request.columns),
+        delimiter=settings.request.delimiter,
+        keep_parts=settings.keep_parts,
+        gzip=settings.gzip_output,
+    )
+    if not manifest.complete:
+        assembler.reconcile()
 
-        if settings.redo:
-            chosen = select_windows(manifest, settings.redo)
-            logger.info("%d windows to request again", assembler.reopen(chosen))
+    return assembler
 
-        job = ExportJob(settings, credentials, paths, assembler, hooks)
-        if not manifest.complete:
-            check_retention(manifest, settings, hooks.now())
-            manifest.save()
-            try:
-                await job.download_missing()
-                await job.assemble()
-            finally:
-                manifest.flush()
 
-            if assembler.all_merged():
-                assembler.publish()
+def _reopen(assembler: Assembler, settings: RunSettings) -> None:
+    """Put back to pending what this run must request again."""
+    # Provisional windows are refreshed once an export is complete; a rerun
+    # that finishes a failed export leaves them be, so reruns converge.
+    manifest = assembler.manifest
+    if manifest.complete and (reopened := assembler.reopen_provisional()):
+        logger.info("%d provisional windows to request again", reopened)
 
-        return job.result(time.monotonic() - started)
+    if settings.redo:
+        chosen = select_windows(manifest, settings.redo)
+        logger.info("%d windows to request again", assembler.reopen(chosen))
+
+
+async def _download_and_assemble(
+    job: ExportJob, settings: RunSettings, hooks: Hooks
+) -> None:
+    manifest = job.manifest
+    check_retention(manifest, settings, hooks.now())
+    manifest.save()
+    try:
+        await job.download_missing()
+        await job.assemble()
+    finally:
+        manifest.flush()
+
+    if job.assembler.all_merged():
+        job.assembler.publish()
 
 
 def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowRecord]:

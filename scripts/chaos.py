@@ -47,27 +47,14 @@ from orchestrator.sandbox import (
     render,
     settings_from_options,
 )
+from orchestrator.sandbox.faults import DOWNLOAD_KINDS
 from orchestrator.timeparse import to_millis
 
 _T = TypeVar("_T")
 
 HOUR = dt.timedelta(hours=1)
 PYTHON = [sys.executable, "-m", "orchestrator"]
-RATE_KINDS = (
-    "throttle",
-    "blocked",
-    "unavailable",
-    "error500",
-    "error502",
-    "error504",
-    "reset",
-    "cut_length",
-    "cut_chunked",
-    "cut_gzip",
-    "stall",
-    "slow_first_byte",
-    "token_revoked",
-)
+RATE_KINDS = DOWNLOAD_KINDS  # every download fault, in the sandbox's order
 WINDOWS = ("1h", "1h", "1h", "1h", "30m", "20m", "15m", "10m", "2h")
 STATUS_FILTERS = (("Failed",), ("complete", "Active"), ("Waiting", "Unknown"))
 # A one-minute window never holds more than about 10 kB: caps above it can be met
