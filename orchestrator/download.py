@@ -40,6 +40,7 @@ from orchestrator.timeparse import to_millis
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 1024
+STORE_BYTES = 1024 * 1024
 MAX_ERROR_BODY = 64 * 1024
 MAX_RETRY_AFTER = 3600.0
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -196,7 +197,8 @@ class JourneyHistoryClient:
             delimiter=self._request.delimiter,
             boundary=self._boundary(window),
         )
-        received = 0
+        received = batched = 0
+        batch: list[bytes] = []
         try:
             async for chunk in response.content.iter_chunked(CHUNK_BYTES):
                 received += len(chunk)
@@ -205,13 +207,15 @@ class JourneyHistoryClient:
                         f"the body reached the {self._cap_bytes:,}-byte download cap"
                     )
 
-                writer.write(decoder.decode(chunk))
+                batch.append(writer.inspect(decoder.decode(chunk)))
+                batched += len(batch[-1])
+                if batched >= STORE_BYTES:
+                    # Writing and hashing free the GIL: other windows read meanwhile.
+                    await anyio.to_thread.run_sync(writer.store, batch)
+                    batch, batched = [], 0
 
             decoder.finish()
-            # Flushing the part to disk blocks: the other windows stream meanwhile.
-            with anyio.CancelScope(shield=True):
-                info = await anyio.to_thread.run_sync(writer.finish)
-
+            info = await anyio.to_thread.run_sync(writer.finish, batch)
             return info, writer.boundary_seen
         except BaseException:
             writer.discard()

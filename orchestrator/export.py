@@ -114,7 +114,7 @@ async def _download_and_assemble(
     manifest.save()
     try:
         await job.download_missing()
-        await job.assemble()
+        await job.assemble(flush=True)
     finally:
         manifest.flush()
 

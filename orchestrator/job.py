@@ -31,7 +31,7 @@ from orchestrator.manifest import (
     WindowRecord,
 )
 from orchestrator.merger import Assembler
-from orchestrator.parts import PartInfo, fsync_directory
+from orchestrator.parts import PartInfo
 from orchestrator.pool import PoolEvents, WindowPool
 from orchestrator.reporting import Progress
 from orchestrator.retry import AdaptiveLimiter, RetryPolicy, Sleep, ThrottleGate
@@ -235,7 +235,6 @@ class ExportJob:
     async def _done(self, record: WindowRecord, info: PartInfo) -> None:
         part = self.paths.part(record.window)
         os.replace(part.with_suffix(".tmp"), part)
-        fsync_directory(part.parent)
 
         record.state = DONE
         record.provisional = self._is_provisional(record)
@@ -308,25 +307,40 @@ class ExportJob:
         logger.warning("window %s: %s; splitting it in two", record.window, error)
         return halves
 
-    async def assemble(self) -> None:
-        """Append every window that is next in order; the copy runs in a thread.
+    async def assemble(self, *, flush: bool = False) -> None:
+        """Append every window that is next in order, and flush the output to disk
+        once enough has piled up (or now, with ``flush``); the disk work runs in a
+        thread.
 
-        A failed append (a full disk) leaves the window done with its part kept;
-        the next run cuts the partial output back and appends it again.
+        A failed append or flush (a full disk) stops assembling for this run: the
+        windows stay done with their parts kept, and the next run cuts the partial
+        output back and appends them again.
         """
         async with self.assembling:
-            for part in self.assembler.ready():
-                try:
-                    size = await anyio.to_thread.run_sync(self.assembler.append, part)
-                except OSError as error:
-                    self.assembly_error = (
-                        f"cannot append to {self.paths.partial}: "
-                        f"{error.strerror or error}"
-                    )
-                    logger.error("%s; rerun once there is room", self.assembly_error)
-                    return
+            if self.assembly_error:
+                return
 
-                self.assembler.appended(part, size)
+            try:
+                await self._append_ready(flush=flush)
+            except OSError as error:
+                self.assembly_error = (
+                    f"cannot write {self.paths.partial}: {error.strerror or error}"
+                )
+                logger.error("%s; rerun once there is room", self.assembly_error)
+
+    async def _append_ready(self, *, flush: bool) -> None:
+        assembler = self.assembler
+        for part in assembler.ready():
+            assembler.appended(
+                part, await anyio.to_thread.run_sync(assembler.append, part)
+            )
+            if assembler.flush_due():
+                await anyio.to_thread.run_sync(assembler.sync)
+                assembler.settle()
+
+        if flush:
+            await anyio.to_thread.run_sync(assembler.sync)
+            assembler.settle()
 
     def result(self, seconds: float) -> ExportResult:
         rows, size = self.manifest.totals()

@@ -1,8 +1,13 @@
 """Assemble the output: one header, then every window's rows in window order.
 
-Windows are appended to ``<output>.partial`` as soon as the next one in order is done,
-so an export never needs room for its parts and a full copy of the output at once.
-The partial file takes the output's name only when every window is in it.
+Windows are appended to ``<output>.partial`` as soon as the next one in order is done.
+Appends are flushed to disk together, once ``flush_bytes`` have piled up (and at the
+end): only then does the manifest record those windows as merged, and only then are
+their parts deleted. So a crash at any moment, even of the machine, loses nothing
+(the manifest never claims bytes the disk may not have), and an export needs room
+for the output plus at most ``flush_bytes`` of appended parts, plus the parts still
+waiting for their turn. The partial file takes the output's name only when every
+window is in it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
 GZIP_LEVEL = 6
+FLUSH_BYTES = 64 * 1024 * 1024
 
 
 class Assembler:
@@ -43,12 +49,17 @@ class Assembler:
         delimiter: str,
         keep_parts: bool = False,
         gzip: bool = False,
+        flush_bytes: int = FLUSH_BYTES,
     ) -> None:
         self.manifest = manifest
         self.paths = paths
         self._header = delimiter.join(header)
         self._keep_parts = keep_parts
         self._gzip = gzip
+        self._flush_bytes = flush_bytes
+        # Appended since the last flush: each record with the offset it starts at.
+        self._unflushed: list[tuple[WindowRecord, int]] = []
+        self._size = manifest.merged_bytes
 
     def reconcile(self) -> None:
         """Bring files and manifest into agreement after a stop at any moment."""
@@ -59,6 +70,7 @@ class Assembler:
 
         self._reconcile_partial()
         self._reconcile_parts()
+        self._unflushed, self._size = [], self.manifest.merged_bytes
         self.manifest.save()
 
     def _reconcile_partial(self) -> None:
@@ -143,7 +155,7 @@ class Assembler:
             else:
                 self._copy_head(assembled, offset)
 
-        self.manifest.merged_bytes = offset
+        self.manifest.merged_bytes = self._size = offset
 
     def _copy_head(self, assembled: BinaryIO, length: int) -> None:
         """Start the partial output as the first ``length`` bytes of the output."""
@@ -184,8 +196,9 @@ class Assembler:
             return []
 
         ready: list[Path] = []
+        appended = {id(record) for record, _ in self._unflushed}
         for record in self.manifest.windows:
-            if record.state == MERGED:
+            if record.state == MERGED or id(record) in appended:
                 continue
 
             if record.state != DONE:
@@ -198,10 +211,14 @@ class Assembler:
     def append(self, part: Path) -> int:
         """Append one part (header first if the output is empty); return the new size.
 
-        Runs in a worker thread; the caller records the result in the manifest.
+        Runs in a worker thread; the caller then calls :meth:`appended`. Bytes left
+        by an append that failed half-way (a full disk) are cut off first.
         """
         with open_private(self.paths.partial, append=True) as output:
-            if self.manifest.merged_bytes == 0:
+            if output.tell() != self._size:
+                output.truncate(self._size)
+
+            if self._size == 0:
                 self._write(output, [self._header_line()])
 
             with part.open("rb") as source:
@@ -211,7 +228,6 @@ class Assembler:
                     shutil.copyfileobj(source, output, BLOCK)
 
             output.flush()
-            os.fsync(output.fileno())
             return output.tell()
 
     def _header_line(self) -> bytes:
@@ -233,21 +249,56 @@ class Assembler:
         output.write(packer.flush())
 
     def appended(self, part: Path, size: int) -> None:
-        """Record that the window of ``part`` is in the output, then drop the part."""
+        """Note that ``part`` is now in the output, ``size`` bytes long; the manifest
+        records it at the next :meth:`settle`."""
         for record in self.manifest.windows:
             if record.state == DONE and self.paths.part(record.window) == part:
-                record.state = MERGED
-                record.offset = self.manifest.merged_bytes
+                self._unflushed.append((record, self._size))
                 break
 
-        self.manifest.merged_bytes = size
+        self._size = size
+
+    def flush_due(self) -> bool:
+        """Whether enough has been appended since the last flush to flush now."""
+        return self._size - self.manifest.merged_bytes >= self._flush_bytes
+
+    def sync(self) -> None:
+        """Flush the partial output to disk (a worker thread may run this)."""
+        if not self._unflushed:
+            return
+
+        with open_private(self.paths.partial, append=True) as output:
+            os.fsync(output.fileno())
+
+        if self._unflushed[0][1] == 0:
+            fsync_directory(self.paths.partial.parent)  # the file is new
+
+    def settle(self) -> None:
+        """After :meth:`sync`: record the appended windows as merged, drop their
+        parts. The manifest is saved before any part is deleted."""
+        if not self._unflushed:
+            return
+
+        for record, offset in self._unflushed:
+            record.state, record.offset = MERGED, offset
+
+        self.manifest.merged_bytes = self._size
         self.manifest.newline = self._newline()
-        self.manifest.checkpoint()
+        self.manifest.save()
         if not self._keep_parts:
-            part.unlink(missing_ok=True)
+            for record, _ in self._unflushed:
+                self.paths.part(record.window).unlink(missing_ok=True)
+
+        self._unflushed = []
+
+    def flush(self) -> None:
+        """:meth:`sync` then :meth:`settle`, in the calling thread."""
+        self.sync()
+        self.settle()
 
     def publish(self) -> None:
         """Give the output its name once every window is in it."""
+        self.flush()
         if self.manifest.merged_bytes == 0:
             self.append_header_only()
 
@@ -263,7 +314,7 @@ class Assembler:
             self._write(output, [self._header_line()])
             output.flush()
             os.fsync(output.fileno())
-            self.manifest.merged_bytes = output.tell()
+            self.manifest.merged_bytes = self._size = output.tell()
 
     def all_merged(self) -> bool:
         return all(record.state == MERGED for record in self.manifest.windows)

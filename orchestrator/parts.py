@@ -1,8 +1,11 @@
 """Part files: one window's rows on disk, written as the body streams in.
 
 A part holds only data rows: no byte-order mark, no header, and it always ends with a
-newline. It is written under a temporary name, flushed to disk, and renamed only when
-the body was complete, so a file named ``*.part`` is always whole.
+newline. It is written under a temporary name and renamed only when the body was
+complete, so a file named ``*.part`` is whole unless the machine itself went down
+before the kernel wrote it out. Parts are not flushed to disk one by one: the manifest
+keeps each part's size and SHA-256, and a part that no longer matches them is requested
+again (``verify_part``).
 """
 
 from __future__ import annotations
@@ -107,16 +110,36 @@ class PartWriter:
         self._last = b"\n"
 
     def write(self, data: bytes) -> None:
-        """Take the next decoded bytes of the body."""
+        """Take the next decoded bytes of the body and store them at once."""
+        self.store([self.inspect(data)])
+
+    def inspect(self, data: bytes) -> bytes:
+        """Check and count the next decoded bytes; return what is to be stored.
+
+        Holds the GIL throughout, so it runs where the body is read. What it returns
+        goes to :meth:`store`, in order, which may run in a worker thread.
+        """
         if self._head is not None:
             data = self._take_header(data)
 
         if data:
             self._watch_boundary(data)
-            self._emit(data)
+            self._counter.feed(data)
+            self._size += len(data)
+            self._last = data[-1:]
 
-    def finish(self) -> PartInfo:
-        """Close the part durably; raise if the body ended where it cannot end."""
+        return data
+
+    def store(self, blocks: list[bytes]) -> None:
+        """Write inspected bytes and add them to the checksum (both free the GIL)."""
+        for block in blocks:
+            self._file.write(block)
+            self._digest.update(block)
+
+    def finish(self, blocks: list[bytes] | None = None) -> PartInfo:
+        """Store the last ``blocks`` and close the part; raise if the body ended
+        where it cannot end."""
+        self.store(blocks or [])
         if self._head:
             self._check_header(bytes(self._head).rstrip(b"\r\n"))
             self._newline = "\r\n" if self._head.endswith(b"\r\n") else "\n"
@@ -128,10 +151,8 @@ class PartWriter:
             )
 
         if self._size and self._last != b"\n":
-            self._emit((self._newline or "\n").encode())
+            self.write((self._newline or "\n").encode())
 
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         return PartInfo(
             rows=self._counter.rows,
@@ -181,13 +202,6 @@ class PartWriter:
         seam = self._tail + data[:keep]  # a stamp across pieces, however small
         self.boundary_seen = self._boundary in seam or self._boundary in data
         self._tail = (self._tail + data)[-keep:] if len(data) < keep else data[-keep:]
-
-    def _emit(self, data: bytes) -> None:
-        self._file.write(data)
-        self._digest.update(data)
-        self._counter.feed(data)
-        self._size += len(data)
-        self._last = data[-1:]
 
 
 def iter_rows(path: Path) -> Iterator[bytes]:

@@ -16,15 +16,20 @@ from orchestrator.config import RunSettings
 
 def tls_context(
     settings: RunSettings, given: ssl.SSLContext | None = None
-) -> ssl.SSLContext:
+) -> ssl.SSLContext | bool:
     """Verify certificates always: with the given bundle, else the system's CAs.
 
-    Python's default context honours SSL_CERT_FILE and SSL_CERT_DIR.
+    ``True`` is aiohttp's own verifying context, built once when aiohttp is
+    imported (loading the system's CAs again would cost every run start-up time).
+    Like Python's default context it honours SSL_CERT_FILE and SSL_CERT_DIR.
     """
     if given is not None:
         return given
 
-    return ssl.create_default_context(cafile=settings.http.ca_bundle)
+    if settings.http.ca_bundle is not None:
+        return ssl.create_default_context(cafile=settings.http.ca_bundle)
+
+    return True
 
 
 @asynccontextmanager

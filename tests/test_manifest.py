@@ -84,9 +84,11 @@ def finish_part(paths: ExportPaths, record: WindowRecord, body: bytes) -> None:
     record.sha256, record.newline = info.sha256, info.newline
 
 
-def assemble(assembler: Assembler) -> None:
+def assemble(assembler: Assembler, *, flush: bool = True) -> None:
     for part in assembler.ready():
         assembler.appended(part, assembler.append(part))
+    if flush:
+        assembler.flush()
     assembler.manifest.flush()
 
 
@@ -160,6 +162,77 @@ def test_reconcile_reassembles_when_the_partial_lost_bytes(tmp_path: Path) -> No
     assemble(again)
 
     assert paths.partial.read_bytes() == b"A,B\n1,x\n"
+
+
+def test_windows_count_as_merged_only_once_flushed(tmp_path: Path) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
+    assembler.reconcile()
+    finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
+    finish_part(paths, manifest.windows[1], b"A,B\n2,x\n")
+
+    assemble(assembler, flush=False)
+    manifest.save()  # a checkpoint for another reason, then the process dies
+
+    assert paths.partial.read_bytes() == b"A,B\n1,x\n2,x\n"
+    assert [r.state for r in manifest.windows[:2]] == [DONE, DONE]
+    assert assembler.ready() == []  # appended already, not twice
+    reloaded = Manifest.load(paths.manifest)
+    assert reloaded.merged_bytes == 0
+    assert all(paths.part(r.window).exists() for r in reloaded.windows[:2])
+
+    again = Assembler(reloaded, paths, header=["A", "B"], delimiter=",")
+    again.reconcile()
+    assert not paths.partial.exists() or paths.partial.read_bytes() == b""
+    finish_part(paths, reloaded.windows[2], b"A,B\n3,x\n")
+    assemble(again)
+    again.publish()
+
+    assert paths.output.read_bytes() == b"A,B\n1,x\n2,x\n3,x\n"
+
+
+def test_flush_comes_due_after_flush_bytes_and_then_drops_parts(
+    tmp_path: Path,
+) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = Assembler(
+        manifest, paths, header=["A", "B"], delimiter=",", flush_bytes=12
+    )
+    assembler.reconcile()
+    first, second = manifest.windows[:2]
+    finish_part(paths, first, b"A,B\n1,x\n")
+    finish_part(paths, second, b"A,B\n2,x\n")
+    parts = [paths.part(first.window), paths.part(second.window)]
+
+    assembler.appended(parts[0], assembler.append(parts[0]))
+    assert not assembler.flush_due()  # 8 bytes: header and one row
+    assembler.appended(parts[1], assembler.append(parts[1]))
+    assert assembler.flush_due()  # 12 bytes
+    assert all(part.exists() for part in parts)
+
+    assembler.flush()
+
+    assert not assembler.flush_due()
+    assert not any(part.exists() for part in parts)
+    saved = Manifest.load(paths.manifest)
+    assert [r.state for r in saved.windows[:2]] == [MERGED, MERGED]
+    assert [r.offset for r in saved.windows[:2]] == [0, 8]
+    assert saved.merged_bytes == 12
+
+
+def test_an_append_that_failed_half_way_is_cut_off(tmp_path: Path) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
+    assembler.reconcile()
+    finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
+    assemble(assembler)
+    with paths.partial.open("ab") as partial:
+        partial.write(b"2,half-")  # what a disk that filled up left
+
+    finish_part(paths, manifest.windows[1], b"A,B\n2,x\n")
+    assemble(assembler)
+
+    assert paths.partial.read_bytes() == b"A,B\n1,x\n2,x\n"
 
 
 def test_paths_sit_beside_the_output(tmp_path: Path) -> None:

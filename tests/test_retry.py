@@ -95,7 +95,9 @@ async def test_attempts_are_capped_and_the_last_error_is_raised() -> None:
 async def test_total_wait_is_capped() -> None:
     sleep = Recorder()
     settings = RetrySettings(max_attempts=50, max_wait_seconds=65)
-    policy = RetryPolicy(settings, sleep=sleep)
+    # Retry-After 30 plus up to 10 % jitter: two waits fit in 65 s unless the
+    # jitter adds up to more than 5 s, so a fixed seed keeps this exact.
+    policy = RetryPolicy(settings, sleep=sleep, rng=random.Random(1))
     errors: list[BaseException] = [ThrottledError("429", retry_after=30)] * 10
 
     with pytest.raises(ThrottledError):
