@@ -109,6 +109,7 @@ class RunSettings:
     max_duration: dt.timedelta | None = None
     gzip_output: bool = False
     redo: tuple[str, ...] = ()
+    flush_bytes: int | None = None  # the Assembler's default (64 MiB) when None
     retry: RetrySettings = RetrySettings()
     http: HttpSettings = HttpSettings()
 

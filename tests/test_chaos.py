@@ -180,6 +180,9 @@ def draw_scenario(seed: int) -> Scenario:
         "compression": rng.choice(["gzip", "deflate", "none"]),
         "keep_parts": rng.random() < 0.2,
         "estimate": rng.random() < 0.7,
+        # Flushing the output after every window, or every few: the windows merged
+        # before a failure must stay merged, those after it be appended again.
+        "flush_bytes": rng.choice([None, None, 1, 20_000]),
     }
     return Scenario(seed, rule_kind, sandbox, start, end, span, request, options)
 
