@@ -1,7 +1,7 @@
 """Merge throughput: the Assembler's real loop against cat, on the same part files.
 
 The Assembler runs as an export runs it: each part appended to the partial output,
-the output flushed to disk whenever 64 MiB have piled up (then the manifest saved
+the output flushed to disk whenever 64 MB have piled up (then the manifest saved
 and those parts deleted), and at the end, then the output published.
 ``cat parts > out`` has no flush at all; ``cat parts > out && sync out`` writes the
 same bytes to disk once, which is what the Assembler's durability costs at least.

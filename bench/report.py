@@ -193,7 +193,7 @@ def _merge(found: dict[str, Any], targets: list[tuple[str, str, bool]]) -> list[
         "",
         f"{found['parts']} part files of the export above, {size / MB:,.0f} MB, in the"
         " page cache. The Assembler runs its real loop: append each part, flush the"
-        " output to disk each time 64 MiB have piled up and at the end (saving the"
+        " output to disk each time 64 MB have piled up and at the end (saving the"
         " manifest, then deleting those parts), publish. *Flushes skipped* is the same"
         " loop with `os.fsync` made a no-op for that run: the copying alone, the work"
         " `cat` does; journey-export never runs that way.",

@@ -234,6 +234,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--state-file", help="where --since-last records its ends")
     add("--max-duration", help="stop cleanly after this long (exit 5): 50m, 6h")
     add(
+        "--flush-mb",
+        type=float,
+        help="flush the output to disk each time this much is appended (default 64)",
+    )
+    add(
         "--redo",
         action="append",
         help="request again: 'failed', or windows in START/END (repeatable)",

@@ -46,7 +46,7 @@ _OPTION_NAMES = (
     *("statuses", "activity_types", "definition_ids", "definition_instance_ids"),
     *("activity_ids", "contact_keys_file", "estimate", "safety_cap_mb"),
     *("min_window", "retained_only", "ca_bundle", "allow_domain", "max_duration"),
-    *("redo", "since_last", "state_file", "gzip"),
+    *("redo", "since_last", "state_file", "gzip", "flush_mb"),
 )
 
 

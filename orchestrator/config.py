@@ -109,7 +109,7 @@ class RunSettings:
     max_duration: dt.timedelta | None = None
     gzip_output: bool = False
     redo: tuple[str, ...] = ()
-    flush_bytes: int | None = None  # the Assembler's default (64 MiB) when None
+    flush_bytes: int = 64_000_000
     retry: RetrySettings = RetrySettings()
     http: HttpSettings = HttpSettings()
 
@@ -199,6 +199,7 @@ def build_settings(
         range_as_given=_range_as_given(merged),
         estimate=bool(merged.get("estimate", True)),
         cap_bytes=_cap_bytes(merged),
+        flush_bytes=_flush_bytes(merged),
         min_window=_build_window(merged.get("min_window", "1m"), name="min_window"),
         retained_only=bool(merged.get("retained_only", False)),
         max_duration=_duration(max_duration, "max_duration") if max_duration else None,
@@ -400,6 +401,16 @@ def _cap_bytes(merged: Mapping[str, Any]) -> int:
         raise UsageError(
             f"safety_cap_mb {megabytes:g} is above SFMC's 1,000 MB download limit; "
             "use at most 1000 (default 900)"
+        )
+
+    return int(megabytes * 1_000_000)
+
+
+def _flush_bytes(merged: Mapping[str, Any]) -> int:
+    megabytes = _positive(merged, "flush_mb", 64.0)
+    if megabytes < 0.001:
+        raise UsageError(
+            f"flush_mb {megabytes:g} is too small: use at least 0.001 (default 64)"
         )
 
     return int(megabytes * 1_000_000)

@@ -27,6 +27,7 @@ CONFIG_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "allow_unknown_values": bool,
         "estimate": bool,
         "safety_cap_mb": (int, float),
+        "flush_mb": (int, float),
         "min_window": str,
         "retained_only": bool,
         "history_lag_fallback_seconds": (int, float),

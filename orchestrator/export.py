@@ -27,7 +27,7 @@ from orchestrator.manifest import (
     Manifest,
     WindowRecord,
 )
-from orchestrator.merger import FLUSH_BYTES, Assembler
+from orchestrator.merger import Assembler
 from orchestrator.planner import plan_windows
 from orchestrator.timeparse import iso, parse_time
 
@@ -86,7 +86,7 @@ def _assembler(
         delimiter=settings.request.delimiter,
         keep_parts=settings.keep_parts,
         gzip=settings.gzip_output,
-        flush_bytes=settings.flush_bytes or FLUSH_BYTES,
+        flush_bytes=settings.flush_bytes,
     )
     if not manifest.complete:
         assembler.reconcile()

@@ -1,13 +1,13 @@
 """Assemble the output: one header, then every window's rows in window order.
 
 Windows are appended to ``<output>.partial`` as soon as the next one in order is done.
-Appends are flushed to disk together, once ``flush_bytes`` have piled up (and at the
-end): only then does the manifest record those windows as merged, and only then are
-their parts deleted. So a crash at any moment, even of the machine, loses nothing
-(the manifest never claims bytes the disk may not have), and an export needs room
-for the output plus at most ``flush_bytes`` of appended parts, plus the parts still
-waiting for their turn. The partial file takes the output's name only when every
-window is in it.
+Appends are flushed to disk together, once ``flush_bytes`` have piled up (64 MB
+unless ``--flush-mb`` says otherwise) and at the end: only then does the manifest
+record those windows as merged, and only then are their parts deleted. So a crash at
+any moment, even of the machine, loses nothing (the manifest never claims bytes the
+disk may not have), and an export needs room for the output plus at most
+``flush_bytes`` of appended parts, plus the parts still waiting for their turn. The
+partial file takes the output's name only when every window is in it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
 GZIP_LEVEL = 6
-FLUSH_BYTES = 64 * 1024 * 1024
+FLUSH_BYTES = 64_000_000
 
 
 class Assembler:

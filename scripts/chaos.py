@@ -289,6 +289,9 @@ def draw_flags(
     if statuses:
         flags.append(f"--status={','.join(statuses)}")
 
+    if rng.random() < 0.4:  # flush after almost every window, kills between flushes
+        flags.append("--flush-mb=0.001")
+
     return tuple(flags)
 
 

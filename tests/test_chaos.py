@@ -182,7 +182,7 @@ def draw_scenario(seed: int) -> Scenario:
         "estimate": rng.random() < 0.7,
         # Flushing the output after every window, or every few: the windows merged
         # before a failure must stay merged, those after it be appended again.
-        "flush_bytes": rng.choice([None, None, 1, 20_000]),
+        "flush_bytes": rng.choice([64_000_000, 64_000_000, 1, 20_000]),
     }
     return Scenario(seed, rule_kind, sandbox, start, end, span, request, options)
 

@@ -171,10 +171,10 @@ def test_plain_http_to_another_host_is_refused(tmp_path: Path) -> None:
 
 
 def slow_run(
-    output: Path, port: int, hours: int, end: dt.datetime
+    output: Path, port: int, hours: int, end: dt.datetime, *flags: str
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [*PYTHON, "run", *range_args(hours, output, end), "--concurrency", "2"],
+        [*PYTHON, "run", *range_args(hours, output, end), "--concurrency", "2", *flags],
         env=env_for(port),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -203,8 +203,14 @@ def test_sigterm_exits_130_and_the_rerun_completes(tmp_path: Path) -> None:
     assert output.read_bytes() == expected_output(history, end - 12 * HOUR, end)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_kill_9_then_rerun_gives_the_same_bytes(tmp_path: Path, seed: int) -> None:
+# --flush-mb 0.001: the output is flushed, and windows recorded as merged, after
+# almost every window, so a kill lands between flushes as well as before the first.
+@pytest.mark.parametrize(
+    ("seed", "flags"), [(1, ()), (2, ()), (3, ()), (4, ("--flush-mb", "0.001"))]
+)
+def test_kill_9_then_rerun_gives_the_same_bytes(
+    tmp_path: Path, seed: int, flags: tuple[str, ...]
+) -> None:
     process, port = start_sandbox("rows_per_hour=200", "first_byte_seconds=0.3")
     end = hour_now() - 2 * HOUR
     rng = random.Random(seed)
@@ -215,7 +221,7 @@ def test_kill_9_then_rerun_gives_the_same_bytes(tmp_path: Path, seed: int) -> No
 
         killed = tmp_path / "killed.csv"
         for round_number in range(2):
-            run = slow_run(killed, port, 10, end)
+            run = slow_run(killed, port, 10, end, *flags)
             time.sleep(rng.uniform(0.5, 1.5))
             run.kill()
             run.wait(10)
