@@ -72,8 +72,8 @@ def _assemble(template: Manifest, paths: ExportPaths) -> float:
         keep_parts=True,
     )
     started = time.perf_counter()
-    for part in assembler.ready():
-        assembler.appended(part, assembler.append(part))
+    for record in assembler.ready():
+        assembler.appended(record, assembler.append(record))
         if assembler.flush_due():
             assembler.flush()
     assembler.publish()

@@ -30,7 +30,7 @@ from orchestrator.manifest import (
     ExportPaths,
     WindowRecord,
 )
-from orchestrator.merger import Assembler
+from orchestrator.merger import Assembler, PartChangedError
 from orchestrator.parts import PartInfo
 from orchestrator.pool import PoolEvents, WindowPool
 from orchestrator.reporting import Progress
@@ -330,10 +330,15 @@ class ExportJob:
 
     async def _append_ready(self, *, flush: bool) -> None:
         assembler = self.assembler
-        for part in assembler.ready():
-            assembler.appended(
-                part, await anyio.to_thread.run_sync(assembler.append, part)
-            )
+        for record in assembler.ready():
+            try:
+                size = await anyio.to_thread.run_sync(assembler.append, record)
+            except PartChangedError as error:
+                logger.error("%s", error)
+                assembler.drop(record, str(error))
+                break
+
+            assembler.appended(record, size)
             if assembler.flush_due():
                 await anyio.to_thread.run_sync(assembler.sync)
                 assembler.settle()

@@ -12,6 +12,8 @@ partial file takes the output's name only when every window is in it.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import shutil
@@ -22,6 +24,7 @@ from typing import BinaryIO
 
 from orchestrator.manifest import (
     DONE,
+    FAILED,
     MERGED,
     PENDING,
     ExportPaths,
@@ -35,6 +38,17 @@ logger = logging.getLogger(__name__)
 BLOCK = 1 << 20
 GZIP_LEVEL = 6
 FLUSH_BYTES = 64_000_000
+
+
+class PartChangedError(Exception):
+    """A part no longer holds what was downloaded (the disk lost or changed it)."""
+
+    def __init__(self, record: WindowRecord) -> None:
+        super().__init__(
+            f"window {record.window}: its part changed on disk after it was "
+            "downloaded (size or SHA-256 differs); rerun to request it again"
+        )
+        self.record = record
 
 
 class Assembler:
@@ -60,6 +74,7 @@ class Assembler:
         # Appended since the last flush: each record with the offset it starts at.
         self._unflushed: list[tuple[WindowRecord, int]] = []
         self._size = manifest.merged_bytes
+        self._header_bytes = b""
 
     def reconcile(self) -> None:
         """Bring files and manifest into agreement after a stop at any moment."""
@@ -155,6 +170,10 @@ class Assembler:
             else:
                 self._copy_head(assembled, offset)
 
+        # The parts put back, and a partial output made new, must outlive a crash
+        # once the manifest counts on them.
+        fsync_directory(self.paths.parts)
+        fsync_directory(self.paths.partial.parent)
         self.manifest.merged_bytes = self._size = offset
 
     def _copy_head(self, assembled: BinaryIO, length: int) -> None:
@@ -189,13 +208,14 @@ class Assembler:
             target.flush()
             os.fsync(target.fileno())
 
-    def ready(self) -> list[Path]:
-        """Parts that can be appended now, in window order."""
+    def ready(self) -> list[WindowRecord]:
+        """Windows whose part can be appended now, in window order."""
         newline = self._newline()
         if newline is None:
             return []
 
-        ready: list[Path] = []
+        self._header_bytes = self._header_line()
+        ready: list[WindowRecord] = []
         appended = {id(record) for record, _ in self._unflushed}
         for record in self.manifest.windows:
             if record.state == MERGED or id(record) in appended:
@@ -204,36 +224,38 @@ class Assembler:
             if record.state != DONE:
                 break
 
-            ready.append(self.paths.part(record.window))
+            ready.append(record)
 
         return ready
 
-    def append(self, part: Path) -> int:
-        """Append one part (header first if the output is empty); return the new size.
+    def append(self, record: WindowRecord) -> int:
+        """Append a window's part (header first if the output is empty); return the
+        new size of the output.
 
         Runs in a worker thread; the caller then calls :meth:`appended`. Bytes left
-        by an append that failed half-way (a full disk) are cut off first.
+        by an append that failed half-way (a full disk) are cut off first. The part
+        is checked against its recorded size and SHA-256 as it is copied: parts are
+        not flushed to disk one by one, so this is what catches one the disk lost.
         """
         with open_private(self.paths.partial, append=True) as output:
-            if output.tell() != self._size:
+            if os.fstat(output.fileno()).st_size != self._size:
                 output.truncate(self._size)
 
             if self._size == 0:
-                self._write(output, [self._header_line()])
+                self._write(output, [self._header_bytes])
 
-            with part.open("rb") as source:
-                if self._gzip:
-                    self._write(output, iter(lambda: source.read(BLOCK), b""))
-                else:
-                    shutil.copyfileobj(source, output, BLOCK)
+            checked = _Checked(record)
+            with self.paths.part(record.window).open("rb") as source:
+                self._write(output, checked.blocks(source))
 
             output.flush()
-            return output.tell()
+            checked.verify()
+            return os.fstat(output.fileno()).st_size
 
     def _header_line(self) -> bytes:
         return (self._header + (self._newline() or "\n")).encode()
 
-    def _write(self, output: BinaryIO, blocks: Iterable[bytes]) -> None:
+    def _write(self, output: BinaryIO, blocks: Iterable[bytes | memoryview]) -> None:
         """Write blocks as they are, or as one gzip member (no timestamp, so the
         same rows always give the same bytes)."""
         if not self._gzip:
@@ -248,15 +270,17 @@ class Assembler:
 
         output.write(packer.flush())
 
-    def appended(self, part: Path, size: int) -> None:
-        """Note that ``part`` is now in the output, ``size`` bytes long; the manifest
-        records it at the next :meth:`settle`."""
-        for record in self.manifest.windows:
-            if record.state == DONE and self.paths.part(record.window) == part:
-                self._unflushed.append((record, self._size))
-                break
-
+    def appended(self, record: WindowRecord, size: int) -> None:
+        """Note that ``record``'s part is now in the output, ``size`` bytes long;
+        the manifest records it at the next :meth:`settle`."""
+        self._unflushed.append((record, self._size))
         self._size = size
+
+    def drop(self, record: WindowRecord, reason: str) -> None:
+        """Fail a window whose part cannot be appended, so a rerun requests it."""
+        self.paths.part(record.window).unlink(missing_ok=True)
+        record.state, record.error = FAILED, reason
+        self.manifest.checkpoint()
 
     def flush_due(self) -> bool:
         """Whether enough has been appended since the last flush to flush now."""
@@ -330,6 +354,28 @@ class Assembler:
 
         finished = all(r.state in (DONE, MERGED) for r in self.manifest.windows)
         return "\n" if finished else None
+
+
+class _Checked:
+    """Read a part in blocks while counting and hashing them, then compare."""
+
+    def __init__(self, record: WindowRecord) -> None:
+        self._record = record
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def blocks(self, source: io.BufferedReader) -> Iterator[memoryview]:
+        buffer = bytearray(BLOCK)
+        while read := source.readinto(buffer):
+            block = memoryview(buffer)[:read]
+            self._digest.update(block)
+            self._size += read
+            yield block
+
+    def verify(self) -> None:
+        record = self._record
+        if self._size != record.bytes or self._digest.hexdigest() != record.sha256:
+            raise PartChangedError(record)
 
 
 def _read_range(stream: BinaryIO, length: int) -> Iterator[bytes]:

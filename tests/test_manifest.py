@@ -10,13 +10,14 @@ import pytest
 from orchestrator.errors import ManifestError
 from orchestrator.manifest import (
     DONE,
+    FAILED,
     MERGED,
     PENDING,
     ExportPaths,
     Manifest,
     WindowRecord,
 )
-from orchestrator.merger import Assembler
+from orchestrator.merger import Assembler, PartChangedError
 from orchestrator.parts import PartWriter
 from orchestrator.planner import Window, plan_windows
 
@@ -85,8 +86,8 @@ def finish_part(paths: ExportPaths, record: WindowRecord, body: bytes) -> None:
 
 
 def assemble(assembler: Assembler, *, flush: bool = True) -> None:
-    for part in assembler.ready():
-        assembler.appended(part, assembler.append(part))
+    for record in assembler.ready():
+        assembler.appended(record, assembler.append(record))
     if flush:
         assembler.flush()
     assembler.manifest.flush()
@@ -204,9 +205,10 @@ def test_flush_comes_due_after_flush_bytes_and_then_drops_parts(
     finish_part(paths, second, b"A,B\n2,x\n")
     parts = [paths.part(first.window), paths.part(second.window)]
 
-    assembler.appended(parts[0], assembler.append(parts[0]))
+    assert assembler.ready() == [first, second]
+    assembler.appended(first, assembler.append(first))
     assert not assembler.flush_due()  # 8 bytes: header and one row
-    assembler.appended(parts[1], assembler.append(parts[1]))
+    assembler.appended(second, assembler.append(second))
     assert assembler.flush_due()  # 12 bytes
     assert all(part.exists() for part in parts)
 
@@ -233,6 +235,50 @@ def test_an_append_that_failed_half_way_is_cut_off(tmp_path: Path) -> None:
     assemble(assembler)
 
     assert paths.partial.read_bytes() == b"A,B\n1,x\n2,x\n"
+
+
+def test_an_empty_part_after_a_cut_off_leaves_no_gap(tmp_path: Path) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
+    assembler.reconcile()
+    finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
+    assemble(assembler)
+    with paths.partial.open("ab") as partial:
+        partial.write(b"2,half-")
+
+    finish_part(paths, manifest.windows[1], b"")  # a window without rows
+    finish_part(paths, manifest.windows[2], b"A,B\n3,x\n")
+    assemble(assembler)
+
+    assert paths.partial.read_bytes() == b"A,B\n1,x\n3,x\n"
+    assert manifest.merged_bytes == len(b"A,B\n1,x\n3,x\n")
+
+
+@pytest.mark.parametrize("damage", [b"\0\0\0\0", b"2,x\n2,x\n"])
+def test_a_part_changed_on_disk_is_not_appended(tmp_path: Path, damage: bytes) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
+    assembler.reconcile()
+    finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
+    finish_part(paths, manifest.windows[1], b"A,B\n2,x\n")
+    assemble(assembler)
+    finish_part(paths, manifest.windows[2], b"A,B\n3,x\n")
+    paths.part(manifest.windows[2].window).write_bytes(damage)  # the disk lost it
+
+    [record] = assembler.ready()
+    with pytest.raises(PartChangedError, match=r"changed on disk.*rerun"):
+        assembler.append(record)
+    assembler.drop(record, "changed")
+    assembler.flush()
+
+    assert record.state == FAILED
+    assert not paths.part(record.window).exists()
+    assert manifest.merged_bytes == len(b"A,B\n1,x\n2,x\n")
+    record.state = DONE  # the rerun downloads it again
+    finish_part(paths, record, b"A,B\n3,x\n")
+    assemble(assembler)
+    assembler.publish()
+    assert paths.output.read_bytes() == b"A,B\n1,x\n2,x\n3,x\n"
 
 
 def test_paths_sit_beside_the_output(tmp_path: Path) -> None:
