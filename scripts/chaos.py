@@ -57,9 +57,12 @@ PYTHON = [sys.executable, "-m", "orchestrator"]
 RATE_KINDS = DOWNLOAD_KINDS  # every download fault, in the sandbox's order
 WINDOWS = ("1h", "1h", "1h", "1h", "30m", "20m", "15m", "10m", "2h")
 STATUS_FILTERS = (("Failed",), ("complete", "Active"), ("Waiting", "Unknown"))
-# A one-minute window never holds more than about 10 kB: caps above it can be met
-# by splitting. (Our own --safety-cap-mb cannot go below 1 MB, more than the
-# windows here hold, so only the server's cap makes windows split.)
+# Windows split down to one minute, so a window shorter than two minutes cannot be
+# split. With SFMC's 8 default columns such a window holds well under 12 kB; rows of
+# more columns are wider, so the cap grows with the columns (cap_for): a cap no
+# window can meet would fail the clean run, and test nothing. (Our own
+# --safety-cap-mb cannot go below 1 MB, more than the windows here hold, so only the
+# server's cap makes windows split.)
 CAPS = (12_000, 20_000, 40_000)
 READ_TIMEOUT = 0.6
 STALL_SECONDS = 2.0
@@ -165,7 +168,8 @@ def draw_scenario(seed: int, index: int, fragment: str) -> Scenario:
     start, end, window = draw_range(rng)
     statuses = rng.choice(STATUS_FILTERS) if rng.random() < 0.15 else ()
     if rng.random() < 0.2:  # the server refuses a large body: 400 errorcode 10006
-        sandbox.update(cap_bytes=str(rng.choice(CAPS)), cap_behaviour="error")
+        cap = cap_for(rng.choice(CAPS), columns)
+        sandbox.update(cap_bytes=str(cap), cap_behaviour="error")
 
     flags = draw_flags(rng, fmt, columns, window, statuses)
     return Scenario(
@@ -185,6 +189,12 @@ def draw_scenario(seed: int, index: int, fragment: str) -> Scenario:
         again=draw_again(rng),
         fragment=fragment if fragmented else "none",
     )
+
+
+def cap_for(cap: int, columns: tuple[str, ...]) -> int:
+    """A size cap scaled to the row width: 25 columns make rows about 3 times wider
+    than the 8 default ones."""
+    return cap * max(8, len(columns)) // 8
 
 
 def draw_sandbox(rng: random.Random) -> dict[str, str]:
