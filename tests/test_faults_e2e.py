@@ -14,7 +14,8 @@ import pytest
 from orchestrator.config import HttpSettings, RetrySettings
 from orchestrator.errors import StateWriteError
 from orchestrator.export import ExportResult, Hooks, run_export
-from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.manifest import ExportPaths, Manifest, WindowRecord
+from orchestrator.merger import Assembler
 from orchestrator.sandbox import SandboxServer, SandboxSettings, parse_faults
 from orchestrator.sandbox.faults import DOWNLOAD_KINDS
 from tests.conftest import (
@@ -312,3 +313,31 @@ async def test_a_token_endpoint_that_keeps_failing_stops_the_run_at_once(
             await export_with(sandbox, tmp_path / "o.csv", hours=12)
         assert sandbox.stats.token_requests == 5
     assert anyio.current_time() - started < 30
+
+
+async def test_a_part_the_disk_lost_fails_its_window_and_the_rerun_heals_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "o.csv"
+    append = Assembler.append
+    damaged: list[str] = []
+
+    def lose_a_part(assembler: Assembler, record: WindowRecord) -> int:
+        part = assembler.paths.part(record.window)
+        if not damaged and part.stat().st_size:
+            part.write_bytes(b"\0" * part.stat().st_size)  # the page never reached disk
+            damaged.append(record.window.key)
+        return append(assembler, record)
+
+    monkeypatch.setattr(Assembler, "append", lose_a_part)
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        first, start = await export_with(sandbox, output)
+        second, _ = await export_with(sandbox, output)
+
+    assert not first.complete
+    assert list(first.failed) == damaged
+    assert "changed on disk" in first.failed[damaged[0]]
+    assert second.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 4 * HOUR
+    )
