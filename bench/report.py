@@ -28,6 +28,13 @@ def write_report(results: dict[str, Any], doc: Path, plot: Path) -> None:
         lines += _memory(results["unshaped"], results.get("shaped"), targets)
     lines += _targets(targets)
     if CHANGES.exists():
+        if results["settings"]["quick"]:
+            lines += [
+                "",
+                "*The notes below were written for the full run"
+                " (`docs/benchmarks.md`): their figures are that run's, not this"
+                " one's.*",
+            ]
         lines += ["", CHANGES.read_text().rstrip(), ""]
     doc.write_text("\n".join(lines).rstrip() + "\n")
 

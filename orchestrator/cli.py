@@ -236,7 +236,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--flush-mb",
         type=float,
-        help="flush the output to disk each time this much is appended (default 64)",
+        help="flush the output to disk each time this many MB are appended"
+        " (0.001 to 100000, default 64)",
     )
     add(
         "--redo",

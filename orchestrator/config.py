@@ -392,6 +392,10 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
     return path
 
 
+MIN_FLUSH_MB = 0.001
+MAX_FLUSH_MB = 100_000
+
+
 def _cap_bytes(merged: Mapping[str, Any]) -> int:
     megabytes = _positive(merged, "safety_cap_mb", 900.0)
     if megabytes < 1:
@@ -407,10 +411,12 @@ def _cap_bytes(merged: Mapping[str, Any]) -> int:
 
 
 def _flush_bytes(merged: Mapping[str, Any]) -> int:
-    megabytes = _positive(merged, "flush_mb", 64.0)
-    if megabytes < 0.001:
+    megabytes = merged.get("flush_mb", 64.0)
+    within = isinstance(megabytes, int | float) and not isinstance(megabytes, bool)
+    if not within or not MIN_FLUSH_MB <= megabytes <= MAX_FLUSH_MB:
         raise UsageError(
-            f"flush_mb {megabytes:g} is too small: use at least 0.001 (default 64)"
+            f"flush_mb {megabytes!r} is out of range: give a number of MB from "
+            f"{MIN_FLUSH_MB:g} to {MAX_FLUSH_MB:g} (default 64)"
         )
 
     return int(megabytes * 1_000_000)
