@@ -25,6 +25,9 @@ from orchestrator.planner import MAX_SPAN, MIN_SPAN
 from orchestrator.timeparse import load_zone, parse_duration, parse_time
 
 MAX_CONCURRENCY = 64
+FLUSH_MB = 64  # MB appended to the output between two flushes to disk
+MIN_FLUSH_MB = 0.001
+MAX_FLUSH_MB = 100_000
 COMPRESSIONS = ("gzip", "deflate", "none")
 _T = TypeVar("_T")
 
@@ -109,7 +112,7 @@ class RunSettings:
     max_duration: dt.timedelta | None = None
     gzip_output: bool = False
     redo: tuple[str, ...] = ()
-    flush_bytes: int = 64_000_000
+    flush_bytes: int = FLUSH_MB * 1_000_000
     retry: RetrySettings = RetrySettings()
     http: HttpSettings = HttpSettings()
 
@@ -392,10 +395,6 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
     return path
 
 
-MIN_FLUSH_MB = 0.001
-MAX_FLUSH_MB = 100_000
-
-
 def _cap_bytes(merged: Mapping[str, Any]) -> int:
     megabytes = _positive(merged, "safety_cap_mb", 900.0)
     if megabytes < 1:
@@ -411,12 +410,11 @@ def _cap_bytes(merged: Mapping[str, Any]) -> int:
 
 
 def _flush_bytes(merged: Mapping[str, Any]) -> int:
-    megabytes = merged.get("flush_mb", 64.0)
-    within = isinstance(megabytes, int | float) and not isinstance(megabytes, bool)
-    if not within or not MIN_FLUSH_MB <= megabytes <= MAX_FLUSH_MB:
+    megabytes = merged.get("flush_mb", FLUSH_MB)
+    if not _finite_positive(megabytes) or not MIN_FLUSH_MB <= megabytes <= MAX_FLUSH_MB:
         raise UsageError(
             f"flush_mb {megabytes!r} is out of range: give a number of MB from "
-            f"{MIN_FLUSH_MB:g} to {MAX_FLUSH_MB:g} (default 64)"
+            f"{MIN_FLUSH_MB:g} to {MAX_FLUSH_MB:g} (default {FLUSH_MB})"
         )
 
     return int(megabytes * 1_000_000)

@@ -40,7 +40,6 @@ from orchestrator.timeparse import to_millis
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 1024
-STORE_BYTES = 1024 * 1024
 MAX_ERROR_BODY = 64 * 1024
 MAX_RETRY_AFTER = 3600.0
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -197,8 +196,7 @@ class JourneyHistoryClient:
             delimiter=self._request.delimiter,
             boundary=self._boundary(window),
         )
-        received = batched = 0
-        batch: list[bytes] = []
+        received = 0
         try:
             async for chunk in response.content.iter_chunked(CHUNK_BYTES):
                 received += len(chunk)
@@ -207,15 +205,12 @@ class JourneyHistoryClient:
                         f"the body reached the {self._cap_bytes:,}-byte download cap"
                     )
 
-                batch.append(writer.inspect(decoder.decode(chunk)))
-                batched += len(batch[-1])
-                if batched >= STORE_BYTES:
+                if writer.take(decoder.decode(chunk)):
                     # Writing and hashing free the GIL: other windows read meanwhile.
-                    await anyio.to_thread.run_sync(writer.store, batch)
-                    batch, batched = [], 0
+                    await anyio.to_thread.run_sync(writer.store)
 
             decoder.finish()
-            info = await anyio.to_thread.run_sync(writer.finish, batch)
+            info = await anyio.to_thread.run_sync(writer.finish)
             return info, writer.boundary_seen
         except BaseException:
             writer.discard()

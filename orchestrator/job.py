@@ -340,12 +340,15 @@ class ExportJob:
 
             assembler.appended(record, size)
             if assembler.flush_due():
-                await anyio.to_thread.run_sync(assembler.sync)
-                assembler.settle()
+                await self._flush()
 
         if flush:
-            await anyio.to_thread.run_sync(assembler.sync)
-            assembler.settle()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Flush the output to disk in a thread, then record what it holds."""
+        await anyio.to_thread.run_sync(self.assembler.sync)
+        self.assembler.settle()
 
     def result(self, seconds: float) -> ExportResult:
         rows, size = self.manifest.totals()

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from orchestrator.config import FLUSH_MB
 from orchestrator.manifest import (
     DONE,
     FAILED,
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
 GZIP_LEVEL = 6
-FLUSH_BYTES = 64_000_000
+FLUSH_BYTES = FLUSH_MB * 1_000_000
 
 
 class PartChangedError(Exception):
@@ -214,6 +215,8 @@ class Assembler:
         if newline is None:
             return []
 
+        # Taken here, on the event loop that changes the manifest: append, which
+        # writes the header, runs in a worker thread.
         self._header_bytes = self._header_line()
         ready: list[WindowRecord] = []
         appended = {id(record) for record, _ in self._unflushed}

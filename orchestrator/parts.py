@@ -23,6 +23,7 @@ from orchestrator.errors import PermanentError, RetryableError
 
 BOM = b"\xef\xbb\xbf"
 MAX_HEADER_BYTES = 64 * 1024
+STORE_BYTES = 1024 * 1024  # handed to a worker thread at a time
 PRIVATE = 0o600
 NOT_MARKS = bytes(set(range(256)) - set(b'"\n'))
 
@@ -108,16 +109,20 @@ class PartWriter:
         self._size = 0
         self._tail = b""
         self._last = b"\n"
+        self._kept: list[bytes] = []
+        self._kept_bytes = 0
 
     def write(self, data: bytes) -> None:
         """Take the next decoded bytes of the body and store them at once."""
-        self.store([self.inspect(data)])
+        self.take(data)
+        self.store()
 
-    def inspect(self, data: bytes) -> bytes:
-        """Check and count the next decoded bytes; return what is to be stored.
+    def take(self, data: bytes) -> bool:
+        """Check and count the next decoded bytes, and keep them for :meth:`store`;
+        return whether :meth:`store` is due (``STORE_BYTES`` kept).
 
-        Holds the GIL throughout, so it runs where the body is read. What it returns
-        goes to :meth:`store`, in order, which may run in a worker thread.
+        Holds the GIL throughout, so it runs where the body is read. :meth:`store`
+        may then run in a worker thread, as long as nothing else uses this writer.
         """
         if self._head is not None:
             data = self._take_header(data)
@@ -127,19 +132,23 @@ class PartWriter:
             self._counter.feed(data)
             self._size += len(data)
             self._last = data[-1:]
+            self._kept.append(data)
+            self._kept_bytes += len(data)
 
-        return data
+        return self._kept_bytes >= STORE_BYTES
 
-    def store(self, blocks: list[bytes]) -> None:
-        """Write inspected bytes and add them to the checksum (both free the GIL)."""
-        for block in blocks:
+    def store(self) -> None:
+        """Write the bytes kept so far and add them to the checksum (both free the
+        GIL)."""
+        kept, self._kept, self._kept_bytes = self._kept, [], 0
+        for block in kept:
             self._file.write(block)
             self._digest.update(block)
 
-    def finish(self, blocks: list[bytes] | None = None) -> PartInfo:
-        """Store the last ``blocks`` and close the part; raise if the body ended
-        where it cannot end."""
-        self.store(blocks or [])
+    def finish(self) -> PartInfo:
+        """Store what is kept and close the part; raise if the body ended where it
+        cannot end."""
+        self.store()
         if self._head:
             self._check_header(bytes(self._head).rstrip(b"\r\n"))
             self._newline = "\r\n" if self._head.endswith(b"\r\n") else "\n"

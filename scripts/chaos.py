@@ -37,18 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from orchestrator import sfmc
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from orchestrator.manifest import ExportPaths, Manifest
-from orchestrator.planner import plan_windows
 from orchestrator.sandbox import (
     History,
     SandboxServer,
     parse_faults,
-    render,
     settings_from_options,
 )
 from orchestrator.sandbox.faults import DOWNLOAD_KINDS
-from orchestrator.timeparse import to_millis
+from tests.conftest import draw_columns, expected_output
 
 _T = TypeVar("_T")
 
@@ -236,22 +235,6 @@ def draw_faults(rng: random.Random) -> str:
         f"seed={rng.randrange(1 << 30)}",
     ]
     return ",".join(items)
-
-
-def draw_columns(rng: random.Random, end_inclusive: bool) -> tuple[str, ...]:
-    choice = rng.random()
-    if choice < 0.4:
-        return sfmc.DEFAULT_COLUMNS
-
-    if choice < 0.7:
-        return sfmc.COLUMNS  # Result.Messages: quotes, separators, line breaks
-
-    picked = rng.sample(sfmc.COLUMNS, rng.randint(2, 10))
-    if sfmc.TIME_COLUMN not in picked and (end_inclusive or rng.random() < 0.5):
-        # Without TransactionTime an inclusive end repeats boundary rows (README).
-        picked.insert(rng.randrange(len(picked) + 1), sfmc.TIME_COLUMN)
-
-    return tuple(picked)
 
 
 def draw_range(rng: random.Random) -> tuple[dt.datetime, dt.datetime, dt.timedelta]:
@@ -504,19 +487,16 @@ def ground_truth(scenario: Scenario) -> bytes:
     history = History(
         int(scenario.sandbox["seed"]), int(scenario.sandbox["rows_per_hour"])
     )
-    newline = "\r\n" if scenario.sandbox["newline"] == "crlf" else "\n"
-    delimiter = "\t" if scenario.fmt == "tsv" else ","
-    filters = {"statuses": list(scenario.statuses)} if scenario.statuses else None
-    parts = [(delimiter.join(scenario.columns) + newline).encode()]
-    for window in plan_windows(scenario.start, scenario.end, scenario.window):
-        rows = history.expected(
-            to_millis(window.start), to_millis(window.end), filters=filters
-        )
-        parts.append(
-            render(rows, scenario.columns, scenario.fmt, newline=newline, header=False)
-        )
-
-    return b"".join(parts)
+    return expected_output(
+        history,
+        scenario.start,
+        scenario.end,
+        span=scenario.window,
+        columns=scenario.columns,
+        fmt=scenario.fmt,
+        newline="\r\n" if scenario.sandbox["newline"] == "crlf" else "\n",
+        filters={"statuses": list(scenario.statuses)} if scenario.statuses else None,
+    )
 
 
 def parsed_rows(data: bytes, fmt: str) -> collections.Counter[tuple[str, ...]]:

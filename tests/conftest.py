@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,20 @@ def expected_row_count(
         len(history.expected(to_millis(w.start), to_millis(w.end)))
         for w in plan_windows(start, end, span)
     )
+
+
+def draw_columns(rng: random.Random, end_inclusive: bool) -> tuple[str, ...]:
+    """Columns for a chaos scenario: the defaults, all 25, or a few in any order."""
+    choice = rng.random()
+    if choice < 0.4:
+        return sfmc.DEFAULT_COLUMNS
+
+    if choice < 0.7:
+        return sfmc.COLUMNS  # Result.Messages: quotes, separators, line breaks
+
+    picked = rng.sample(sfmc.COLUMNS, rng.randint(2, 10))
+    if sfmc.TIME_COLUMN not in picked and (end_inclusive or rng.random() < 0.5):
+        # Without TransactionTime an inclusive end repeats boundary rows (README).
+        picked.insert(rng.randrange(len(picked) + 1), sfmc.TIME_COLUMN)
+
+    return tuple(picked)

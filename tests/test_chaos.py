@@ -23,7 +23,7 @@ import anyio.lowlevel
 import pytest
 from aiohttp import web
 
-from orchestrator import auth, sfmc
+from orchestrator import auth
 from orchestrator.config import ExportRequest, HttpSettings, RetrySettings
 from orchestrator.credentials import Credentials
 from orchestrator.download import BodyDecoder
@@ -36,6 +36,7 @@ from orchestrator.timeparse import to_millis
 from tests.conftest import (
     HOUR,
     credentials_for,
+    draw_columns,
     expected_output,
     hour_now,
     run_settings,
@@ -94,22 +95,6 @@ def draw_faults(rng: random.Random, rule_kind: str) -> str:
         f"seed={rng.randrange(1 << 30)}",
     ]
     return ",".join(items)
-
-
-def draw_columns(rng: random.Random, end_inclusive: bool) -> tuple[str, ...]:
-    choice = rng.random()
-    if choice < 0.4:
-        return sfmc.DEFAULT_COLUMNS
-
-    if choice < 0.7:
-        return sfmc.COLUMNS  # Result.Messages: quotes, separators, line breaks
-
-    picked = rng.sample(sfmc.COLUMNS, rng.randint(2, 10))
-    if sfmc.TIME_COLUMN not in picked and (end_inclusive or rng.random() < 0.5):
-        # Without TransactionTime an inclusive end repeats boundary rows (README).
-        picked.insert(rng.randrange(len(picked) + 1), sfmc.TIME_COLUMN)
-
-    return tuple(picked)
 
 
 def draw_range(rng: random.Random) -> tuple[dt.datetime, dt.datetime, dt.timedelta]:

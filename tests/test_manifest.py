@@ -4,6 +4,7 @@ import datetime as dt
 import json
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,6 +77,12 @@ def test_split_replaces_a_window_by_its_halves_later_first(tmp_path: Path) -> No
     assert first.window.end == START + dt.timedelta(hours=1, minutes=30)
 
 
+def reconciled(manifest: Manifest, paths: ExportPaths, **options: Any) -> Assembler:
+    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",", **options)
+    assembler.reconcile()
+    return assembler
+
+
 def finish_part(paths: ExportPaths, record: WindowRecord, body: bytes) -> None:
     paths.parts.mkdir(exist_ok=True)
     writer = PartWriter(paths.part(record.window), columns=["A", "B"], delimiter=",")
@@ -95,8 +102,7 @@ def assemble(assembler: Assembler, *, flush: bool = True) -> None:
 
 def test_windows_are_appended_in_order_only(tmp_path: Path) -> None:
     manifest, paths = new_manifest(tmp_path)
-    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
-    assembler.reconcile()
+    assembler = reconciled(manifest, paths)
     finish_part(paths, manifest.windows[1], b"A,B\n2,x\n")
 
     assemble(assembler)
@@ -117,29 +123,27 @@ def test_reconcile_truncates_bytes_appended_after_the_last_record(
     tmp_path: Path,
 ) -> None:
     manifest, paths = new_manifest(tmp_path)
-    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
-    assembler.reconcile()
+    assembler = reconciled(manifest, paths)
     finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
     assemble(assembler)
     with paths.partial.open("ab") as partial:
         partial.write(b"2,half-appended")
 
     reloaded = Manifest.load(paths.manifest)
-    Assembler(reloaded, paths, header=["A", "B"], delimiter=",").reconcile()
+    reconciled(reloaded, paths)
 
     assert paths.partial.read_bytes() == b"A,B\n1,x\n"
 
 
 def test_reconcile_requests_a_changed_part_again(tmp_path: Path) -> None:
     manifest, paths = new_manifest(tmp_path)
-    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
-    assembler.reconcile()
+    reconciled(manifest, paths)
     finish_part(paths, manifest.windows[1], b"A,B\n2,x\n")
     manifest.save()
     paths.part(manifest.windows[1].window).write_bytes(b"2,y\n")
 
     reloaded = Manifest.load(paths.manifest)
-    Assembler(reloaded, paths, header=["A", "B"], delimiter=",").reconcile()
+    reconciled(reloaded, paths)
 
     assert reloaded.windows[1].state == PENDING
     assert not paths.part(reloaded.windows[1].window).exists()
@@ -147,19 +151,13 @@ def test_reconcile_requests_a_changed_part_again(tmp_path: Path) -> None:
 
 def test_reconcile_reassembles_when_the_partial_lost_bytes(tmp_path: Path) -> None:
     manifest, paths = new_manifest(tmp_path)
-    assembler = Assembler(
-        manifest, paths, header=["A", "B"], delimiter=",", keep_parts=True
-    )
-    assembler.reconcile()
+    assembler = reconciled(manifest, paths, keep_parts=True)
     finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
     assemble(assembler)
     paths.partial.write_bytes(b"A,")
 
     reloaded = Manifest.load(paths.manifest)
-    again = Assembler(
-        reloaded, paths, header=["A", "B"], delimiter=",", keep_parts=True
-    )
-    again.reconcile()
+    again = reconciled(reloaded, paths, keep_parts=True)
     assemble(again)
 
     assert paths.partial.read_bytes() == b"A,B\n1,x\n"
@@ -167,8 +165,7 @@ def test_reconcile_reassembles_when_the_partial_lost_bytes(tmp_path: Path) -> No
 
 def test_windows_count_as_merged_only_once_flushed(tmp_path: Path) -> None:
     manifest, paths = new_manifest(tmp_path)
-    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
-    assembler.reconcile()
+    assembler = reconciled(manifest, paths)
     finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
     finish_part(paths, manifest.windows[1], b"A,B\n2,x\n")
 
@@ -182,8 +179,7 @@ def test_windows_count_as_merged_only_once_flushed(tmp_path: Path) -> None:
     assert reloaded.merged_bytes == 0
     assert all(paths.part(r.window).exists() for r in reloaded.windows[:2])
 
-    again = Assembler(reloaded, paths, header=["A", "B"], delimiter=",")
-    again.reconcile()
+    again = reconciled(reloaded, paths)
     assert not paths.partial.exists() or paths.partial.read_bytes() == b""
     finish_part(paths, reloaded.windows[2], b"A,B\n3,x\n")
     assemble(again)
@@ -196,10 +192,7 @@ def test_flush_comes_due_after_flush_bytes_and_then_drops_parts(
     tmp_path: Path,
 ) -> None:
     manifest, paths = new_manifest(tmp_path)
-    assembler = Assembler(
-        manifest, paths, header=["A", "B"], delimiter=",", flush_bytes=12
-    )
-    assembler.reconcile()
+    assembler = reconciled(manifest, paths, flush_bytes=12)
     first, second = manifest.windows[:2]
     finish_part(paths, first, b"A,B\n1,x\n")
     finish_part(paths, second, b"A,B\n2,x\n")
@@ -224,8 +217,7 @@ def test_flush_comes_due_after_flush_bytes_and_then_drops_parts(
 
 def test_an_append_that_failed_half_way_is_cut_off(tmp_path: Path) -> None:
     manifest, paths = new_manifest(tmp_path)
-    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
-    assembler.reconcile()
+    assembler = reconciled(manifest, paths)
     finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
     assemble(assembler)
     with paths.partial.open("ab") as partial:
@@ -239,8 +231,7 @@ def test_an_append_that_failed_half_way_is_cut_off(tmp_path: Path) -> None:
 
 def test_an_empty_part_after_a_cut_off_leaves_no_gap(tmp_path: Path) -> None:
     manifest, paths = new_manifest(tmp_path)
-    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
-    assembler.reconcile()
+    assembler = reconciled(manifest, paths)
     finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
     assemble(assembler)
     with paths.partial.open("ab") as partial:
@@ -257,8 +248,7 @@ def test_an_empty_part_after_a_cut_off_leaves_no_gap(tmp_path: Path) -> None:
 @pytest.mark.parametrize("damage", [b"\0\0\0\0", b"2,x\n2,x\n"])
 def test_a_part_changed_on_disk_is_not_appended(tmp_path: Path, damage: bytes) -> None:
     manifest, paths = new_manifest(tmp_path)
-    assembler = Assembler(manifest, paths, header=["A", "B"], delimiter=",")
-    assembler.reconcile()
+    assembler = reconciled(manifest, paths)
     finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
     finish_part(paths, manifest.windows[1], b"A,B\n2,x\n")
     assemble(assembler)
@@ -295,6 +285,6 @@ def test_reconcile_removes_unfinished_temporary_files(tmp_path: Path) -> None:
     for name in ("a.tmp", "a.tmp.kept"):
         (paths.parts / name).write_bytes(b"half")
 
-    Assembler(manifest, paths, header=["A", "B"], delimiter=",").reconcile()
+    reconciled(manifest, paths)
 
     assert list(paths.parts.iterdir()) == []

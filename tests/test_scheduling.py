@@ -17,7 +17,7 @@ from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.reporting import Progress, progress_line
 from orchestrator.sandbox import History
 from tests.conftest import HOUR, expected_output, hour_now
-from tests.test_cli import env_for, journey_export, start_sandbox
+from tests.test_cli import env_for, journey_export, range_args, start_sandbox
 
 NOW = dt.datetime(2026, 11, 20, 12, 34, 56, tzinfo=dt.UTC)
 
@@ -144,12 +144,7 @@ def test_max_duration_stops_with_exit_5_and_the_rerun_finishes(
     end = hour_now() - 2 * HOUR
     args = [
         "run",
-        "--start",
-        (end - 12 * HOUR).isoformat(),
-        "--end",
-        end.isoformat(),
-        "--output",
-        str(tmp_path / "o.csv"),
+        *range_args(12, tmp_path / "o.csv", end),
         "--concurrency",
         "1",
         "--no-estimate",
@@ -180,12 +175,7 @@ def test_redo_requests_a_range_again_and_reports_are_written(
     output = tmp_path / "o.csv"
     args = [
         "run",
-        "--start",
-        (end - 4 * HOUR).isoformat(),
-        "--end",
-        end.isoformat(),
-        "--output",
-        str(output),
+        *range_args(4, output, end),
     ]
     env = env_for(sandbox_port)
     assert journey_export(*args, env=env).returncode == 0
@@ -224,12 +214,7 @@ def test_status_prints_an_aligned_table(tmp_path: Path, sandbox_port: int) -> No
     output = tmp_path / "o.csv"
     journey_export(
         "run",
-        "--start",
-        (end - 2 * HOUR).isoformat(),
-        "--end",
-        end.isoformat(),
-        "--output",
-        str(output),
+        *range_args(2, output, end),
         env=env_for(sandbox_port),
     )
 
@@ -257,12 +242,7 @@ def test_progress_is_drawn_only_on_a_terminal(
         "-m",
         "orchestrator",
         "run",
-        "--start",
-        (end - 2 * HOUR).isoformat(),
-        "--end",
-        end.isoformat(),
-        "--output",
-        str(tmp_path / "o.csv"),
+        *range_args(2, tmp_path / "o.csv", end),
     ]
     piped = subprocess.run(
         args, env=env_for(sandbox_port), capture_output=True, text=True, check=False
@@ -297,12 +277,7 @@ def test_gzip_output_is_decompressible_and_identical_after_a_redo(
     output = tmp_path / "journey.csv.gz"
     args = [
         "run",
-        "--start",
-        (end - 4 * HOUR).isoformat(),
-        "--end",
-        end.isoformat(),
-        "--output",
-        str(output),
+        *range_args(4, output, end),
     ]
     env = env_for(sandbox_port)
     assert journey_export(*args, env=env).returncode == 0

@@ -30,7 +30,7 @@ from tests.conftest import (
     hour_now,
     run_settings,
 )
-from tests.test_cli import env_for, start_sandbox
+from tests.test_cli import env_for, range_args, start_sandbox
 
 SECRET = "S3cr3t-Do-Not-Leak-7f1e9a0c"
 
@@ -91,12 +91,7 @@ def test_cli_at_debug_leaks_nothing_and_secrets_stay_out_of_argv(
         "--log-level",
         "DEBUG",
         "run",
-        "--start",
-        (end - 4 * HOUR).isoformat(),
-        "--end",
-        end.isoformat(),
-        "--output",
-        str(tmp_path / "o.csv"),
+        *range_args(4, tmp_path / "o.csv", end),
         "--report",
         str(report),
         "--concurrency",
