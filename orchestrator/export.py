@@ -114,8 +114,9 @@ async def _download_and_assemble(
     check_retention(manifest, settings, hooks.now())
     manifest.save()
     try:
-        await job.download_missing()
-        await job.assemble(flush=True)
+        async with job.flushing():
+            await job.download_missing()
+            await job.assemble(flush=True)
     finally:
         manifest.flush()
 

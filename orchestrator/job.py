@@ -8,10 +8,12 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
+from anyio.abc import TaskGroup
 
 from orchestrator.auth import TokenSource
 from orchestrator.config import RunSettings
@@ -30,7 +32,7 @@ from orchestrator.manifest import (
     ExportPaths,
     WindowRecord,
 )
-from orchestrator.merger import Assembler, PartChangedError
+from orchestrator.merger import Assembler, Batch, PartChangedError
 from orchestrator.parts import PartInfo
 from orchestrator.pool import PoolEvents, WindowPool
 from orchestrator.reporting import Progress
@@ -102,6 +104,9 @@ class ExportJob:
         self.history_lag = settings.history_lag_fallback_seconds
         self.estimates_usable = settings.estimate
         self.assembly_error: str | None = None
+        self._more = False  # windows done since the assembly under way looked
+        self._flushes: TaskGroup | None = None
+        self._in_flight: anyio.Event | None = None  # set once its batch is flushed
         self.progress = hooks.progress or Progress()
         budget = settings.max_duration
         self.deadline = time.monotonic() + budget.total_seconds() if budget else None
@@ -235,6 +240,7 @@ class ExportJob:
     async def _done(self, record: WindowRecord, info: PartInfo) -> None:
         part = self.paths.part(record.window)
         os.replace(part.with_suffix(".tmp"), part)
+        self.assembler.mark_whole(record)
 
         record.state = DONE
         record.provisional = self._is_provisional(record)
@@ -307,30 +313,63 @@ class ExportJob:
         logger.warning("window %s: %s; splitting it in two", record.window, error)
         return halves
 
+    @asynccontextmanager
+    async def flushing(self) -> AsyncIterator[None]:
+        """While open, each batch of appended windows is flushed to disk in the
+        background while the next windows are appended (one batch at a time).
+        Closing it waits for the batch in flight."""
+        try:
+            async with anyio.create_task_group() as group:
+                self._flushes = group
+                try:
+                    yield
+                finally:
+                    self._flushes = None
+        except BaseExceptionGroup as error:
+            # The background flush catches its disk errors, so a lone error here
+            # is the export's own: raise it as it was raised.
+            if len(error.exceptions) == 1:
+                raise error.exceptions[0] from None
+
+            raise
+
     async def assemble(self, *, flush: bool = False) -> None:
         """Append every window that is next in order, and flush the output to disk
-        once enough has piled up (or now, with ``flush``); the disk work runs in a
-        thread.
+        once enough has piled up (or now, with ``flush``); the disk work runs in
+        worker threads. A caller never waits behind another's assembly: windows
+        done meanwhile are appended by the assembly under way.
 
         A failed append or flush (a full disk) stops assembling for this run: the
         windows stay done with their parts kept, and the next run cuts the partial
         output back and appends them again.
         """
+        self._more = True
+        if self.assembling.locked() and not flush:
+            return
+
         async with self.assembling:
-            if self.assembly_error:
-                return
-
             try:
-                await self._append_ready(flush=flush)
-            except OSError as error:
-                self.assembly_error = (
-                    f"cannot write {self.paths.partial}: {error.strerror or error}"
-                )
-                logger.error("%s; rerun once there is room", self.assembly_error)
+                while self._more and not self.assembly_error:
+                    self._more = False
+                    await self._append_ready()
 
-    async def _append_ready(self, *, flush: bool) -> None:
+                if flush:
+                    await self._flush_now()
+            except OSError as error:
+                self._stop_assembling(error)
+
+    def _stop_assembling(self, error: OSError) -> None:
+        self.assembly_error = (
+            f"cannot write {self.paths.partial}: {error.strerror or error}"
+        )
+        logger.error("%s; rerun once there is room", self.assembly_error)
+
+    async def _append_ready(self) -> None:
         assembler = self.assembler
         for record in assembler.ready():
+            if self.assembly_error:  # a flush in the background failed
+                return
+
             try:
                 size = await anyio.to_thread.run_sync(assembler.append, record)
             except PartChangedError as error:
@@ -340,15 +379,47 @@ class ExportJob:
 
             assembler.appended(record, size)
             if assembler.flush_due():
-                await self._flush()
+                await self._begin_flush()
 
-        if flush:
-            await self._flush()
+    async def _begin_flush(self) -> None:
+        """Start flushing what is appended, in the background if :meth:`flushing`
+        is open; first wait for the batch in flight, if any."""
+        await self._wait_for_flush()
+        batch = None if self.assembly_error else self.assembler.take_batch()
+        if batch is None:
+            return
 
-    async def _flush(self) -> None:
+        if self._flushes is None:
+            await self._flush(batch)
+            return
+
+        self._in_flight = anyio.Event()
+        self._flushes.start_soon(self._flush_in_background, batch)
+
+    async def _flush_in_background(self, batch: Batch) -> None:
+        assert self._in_flight is not None
+        try:
+            await self._flush(batch)
+        except OSError as error:
+            self._stop_assembling(error)
+        finally:
+            self._in_flight.set()
+
+    async def _flush_now(self) -> None:
+        await self._wait_for_flush()
+        batch = None if self.assembly_error else self.assembler.take_batch()
+        if batch is not None:
+            await self._flush(batch)
+
+    async def _wait_for_flush(self) -> None:
+        """Wait until no batch is in flight."""
+        if self._in_flight is not None:
+            await self._in_flight.wait()
+
+    async def _flush(self, batch: Batch) -> None:
         """Flush the output to disk in a thread, then record what it holds."""
-        await anyio.to_thread.run_sync(self.assembler.sync)
-        self.assembler.settle()
+        await anyio.to_thread.run_sync(self.assembler.sync, batch)
+        self.assembler.settle(batch)
 
     def result(self, seconds: float) -> ExportResult:
         rows, size = self.manifest.totals()

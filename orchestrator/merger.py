@@ -19,6 +19,7 @@ import os
 import shutil
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,6 +34,7 @@ from orchestrator.manifest import (
     WindowRecord,
 )
 from orchestrator.parts import fsync_directory, open_private, verify_part
+from orchestrator.planner import Window
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +74,13 @@ class Assembler:
         self._keep_parts = keep_parts
         self._gzip = gzip
         self._flush_bytes = flush_bytes
-        # Appended since the last flush: each record with the offset it starts at.
+        # Appended and not yet in a batch: each record with the offset it starts at.
         self._unflushed: list[tuple[WindowRecord, int]] = []
-        self._size = manifest.merged_bytes
+        self._appended: set[int] = set()  # ids of the records appended, not merged
+        self._size = self._batched_to = manifest.merged_bytes
         self._header_bytes = b""
+        # Parts known whole in this process, each with its file's identity then.
+        self._whole: dict[Window, FileIdentity] = {}
 
     def reconcile(self) -> None:
         """Bring files and manifest into agreement after a stop at any moment."""
@@ -86,7 +91,8 @@ class Assembler:
 
         self._reconcile_partial()
         self._reconcile_parts()
-        self._unflushed, self._size = [], self.manifest.merged_bytes
+        self._unflushed, self._appended = [], set()
+        self._size = self._batched_to = self.manifest.merged_bytes
         self.manifest.save()
 
     def _reconcile_partial(self) -> None:
@@ -110,13 +116,23 @@ class Assembler:
                 continue
 
             part = self.paths.part(record.window)
-            if not verify_part(part, size=record.bytes, sha256=record.sha256 or ""):
-                logger.warning(
-                    "window %s: part missing or changed; requesting it again",
-                    record.window,
-                )
-                part.unlink(missing_ok=True)
-                record.state = PENDING
+            if verify_part(part, size=record.bytes, sha256=record.sha256 or ""):
+                self.mark_whole(record)
+                continue
+
+            logger.warning(
+                "window %s: part missing or changed; requesting it again",
+                record.window,
+            )
+            part.unlink(missing_ok=True)
+            record.state = PENDING
+
+    def mark_whole(self, record: WindowRecord) -> None:
+        """Note that ``record``'s part was just written, or checked against its
+        SHA-256: :meth:`append` may then copy it without hashing it again, as long
+        as the file is the same (inode, size, modification and change times)."""
+        part = self.paths.part(record.window)
+        self._whole[record.window] = FileIdentity.of(os.stat(part))
 
     def reopen_provisional(self) -> int:
         """Put windows exported while still provisional back to pending."""
@@ -175,7 +191,7 @@ class Assembler:
         # once the manifest counts on them.
         fsync_directory(self.paths.parts)
         fsync_directory(self.paths.partial.parent)
-        self.manifest.merged_bytes = self._size = offset
+        self.manifest.merged_bytes = self._size = self._batched_to = offset
 
     def _copy_head(self, assembled: BinaryIO, length: int) -> None:
         """Start the partial output as the first ``length`` bytes of the output."""
@@ -219,9 +235,8 @@ class Assembler:
         # writes the header, runs in a worker thread.
         self._header_bytes = self._header_line()
         ready: list[WindowRecord] = []
-        appended = {id(record) for record, _ in self._unflushed}
         for record in self.manifest.windows:
-            if record.state == MERGED or id(record) in appended:
+            if record.state == MERGED or id(record) in self._appended:
                 continue
 
             if record.state != DONE:
@@ -236,9 +251,12 @@ class Assembler:
         new size of the output.
 
         Runs in a worker thread; the caller then calls :meth:`appended`. Bytes left
-        by an append that failed half-way (a full disk) are cut off first. The part
-        is checked against its recorded size and SHA-256 as it is copied: parts are
-        not flushed to disk one by one, so this is what catches one the disk lost.
+        by an append that failed half-way (a full disk) are cut off first. The
+        part's size is always checked as it is copied, and its SHA-256 too unless
+        :meth:`mark_whole` vouched for this very file. Parts are not flushed to disk
+        one by one: a crash of the machine can leave a part of the right size but
+        the wrong bytes, and that is caught by the SHA-256 check of
+        :meth:`reconcile` on the next run.
         """
         with open_private(self.paths.partial, append=True) as output:
             if os.fstat(output.fileno()).st_size != self._size:
@@ -247,8 +265,10 @@ class Assembler:
             if self._size == 0:
                 self._write(output, [self._header_bytes])
 
-            checked = _Checked(record)
+            whole = self._whole.pop(record.window, None)
             with self.paths.part(record.window).open("rb") as source:
+                same = FileIdentity.of(os.fstat(source.fileno())) == whole
+                checked = _Checked(record, hashing=not same)
                 self._write(output, checked.blocks(source))
 
             output.flush()
@@ -277,51 +297,60 @@ class Assembler:
         """Note that ``record``'s part is now in the output, ``size`` bytes long;
         the manifest records it at the next :meth:`settle`."""
         self._unflushed.append((record, self._size))
+        self._appended.add(id(record))
         self._size = size
 
     def drop(self, record: WindowRecord, reason: str) -> None:
         """Fail a window whose part cannot be appended, so a rerun requests it."""
+        self._whole.pop(record.window, None)
         self.paths.part(record.window).unlink(missing_ok=True)
         record.state, record.error = FAILED, reason
         self.manifest.checkpoint()
 
     def flush_due(self) -> bool:
-        """Whether enough has been appended since the last flush to flush now."""
-        return self._size - self.manifest.merged_bytes >= self._flush_bytes
+        """Whether enough has been appended since the last flush began to begin
+        another."""
+        return self._size - self._batched_to >= self._flush_bytes
 
-    def sync(self) -> None:
-        """Flush the partial output to disk (a worker thread may run this)."""
+    def take_batch(self) -> Batch | None:
+        """The windows appended since the last batch was taken, to flush together;
+        None if there are none. Appends may go on while the batch is flushed."""
         if not self._unflushed:
-            return
+            return None
 
+        batch = Batch(self._unflushed, self._size)
+        self._unflushed, self._batched_to = [], self._size
+        return batch
+
+    def sync(self, batch: Batch) -> None:
+        """Flush the partial output to disk, at least up to the end of ``batch``
+        (a worker thread may run this, while another appends)."""
         with open_private(self.paths.partial, append=True) as output:
             os.fsync(output.fileno())
 
-        if self._unflushed[0][1] == 0:
-            fsync_directory(self.paths.partial.parent)  # the file is new
+        if batch.starts_file():
+            fsync_directory(self.paths.partial.parent)
 
-    def settle(self) -> None:
-        """After :meth:`sync`: record the appended windows as merged, drop their
-        parts. The manifest is saved before any part is deleted."""
-        if not self._unflushed:
-            return
-
-        for record, offset in self._unflushed:
+    def settle(self, batch: Batch) -> None:
+        """After :meth:`sync`: record the batch's windows as merged, then delete
+        their parts. Batches settle in the order they were taken."""
+        for record, offset in batch.windows:
             record.state, record.offset = MERGED, offset
 
-        self.manifest.merged_bytes = self._size
+        self.manifest.merged_bytes = batch.end
         self.manifest.newline = self._newline()
         self.manifest.save()
-        if not self._keep_parts:
-            for record, _ in self._unflushed:
+        for record, _ in batch.windows:
+            self._appended.discard(id(record))
+            if not self._keep_parts:
                 self.paths.part(record.window).unlink(missing_ok=True)
 
-        self._unflushed = []
-
     def flush(self) -> None:
-        """:meth:`sync` then :meth:`settle`, in the calling thread."""
-        self.sync()
-        self.settle()
+        """Flush what is appended and not yet in a batch, in the calling thread;
+        no other batch may be in flight."""
+        if batch := self.take_batch():
+            self.sync(batch)
+            self.settle(batch)
 
     def publish(self) -> None:
         """Give the output its name once every window is in it."""
@@ -342,6 +371,7 @@ class Assembler:
             output.flush()
             os.fsync(output.fileno())
             self.manifest.merged_bytes = self._size = output.tell()
+            self._batched_to = self._size
 
     def all_merged(self) -> bool:
         return all(record.state == MERGED for record in self.manifest.windows)
@@ -359,25 +389,65 @@ class Assembler:
         return "\n" if finished else None
 
 
-class _Checked:
-    """Read a part in blocks while counting and hashing them, then compare."""
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Windows appended together, each with the offset it starts at, and the
+    output's size after the last of them: flushed to disk and recorded together."""
 
-    def __init__(self, record: WindowRecord) -> None:
+    windows: list[tuple[WindowRecord, int]]
+    end: int
+
+    def starts_file(self) -> bool:
+        """Whether the batch begins the output, so the new file's name must be
+        flushed too."""
+        return self.windows[0][1] == 0
+
+
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    """What changes when a file is replaced or written to."""
+
+    device: int
+    inode: int
+    size: int
+    modified_ns: int
+    changed_ns: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileIdentity:
+        return cls(
+            status.st_dev,
+            status.st_ino,
+            status.st_size,
+            status.st_mtime_ns,
+            status.st_ctime_ns,
+        )
+
+
+class _Checked:
+    """Read a part in blocks while counting (and hashing) them, then compare."""
+
+    def __init__(self, record: WindowRecord, *, hashing: bool) -> None:
         self._record = record
-        self._digest = hashlib.sha256()
+        self._digest = hashlib.sha256() if hashing else None
         self._size = 0
 
     def blocks(self, source: io.BufferedReader) -> Iterator[memoryview]:
         buffer = bytearray(BLOCK)
         while read := source.readinto(buffer):
             block = memoryview(buffer)[:read]
-            self._digest.update(block)
+            if self._digest is not None:
+                self._digest.update(block)
+
             self._size += read
             yield block
 
     def verify(self) -> None:
-        record = self._record
-        if self._size != record.bytes or self._digest.hexdigest() != record.sha256:
+        record, digest = self._record, self._digest
+        if self._size != record.bytes:
+            raise PartChangedError(record)
+
+        if digest is not None and digest.hexdigest() != record.sha256:
             raise PartChangedError(record)
 
 

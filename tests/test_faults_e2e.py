@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,9 @@ import pytest
 from orchestrator.config import HttpSettings, RetrySettings
 from orchestrator.errors import StateWriteError
 from orchestrator.export import ExportResult, Hooks, run_export
+from orchestrator.job import ExportJob
 from orchestrator.manifest import ExportPaths, Manifest, WindowRecord
-from orchestrator.merger import Assembler
+from orchestrator.merger import Assembler, Batch
 from orchestrator.sandbox import SandboxServer, SandboxSettings, parse_faults
 from orchestrator.sandbox.faults import DOWNLOAD_KINDS
 from tests.conftest import (
@@ -315,21 +318,23 @@ async def test_a_token_endpoint_that_keeps_failing_stops_the_run_at_once(
     assert anyio.current_time() - started < 30
 
 
-async def test_a_part_the_disk_lost_fails_its_window_and_the_rerun_heals_it(
+async def test_a_part_replaced_during_the_run_fails_its_window_and_the_rerun_heals_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "o.csv"
     append = Assembler.append
     damaged: list[str] = []
 
-    def lose_a_part(assembler: Assembler, record: WindowRecord) -> int:
+    def replace_a_part(assembler: Assembler, record: WindowRecord) -> int:
         part = assembler.paths.part(record.window)
         if not damaged and part.stat().st_size:
-            part.write_bytes(b"\0" * part.stat().st_size)  # the page never reached disk
+            staged = part.with_name("replacement")
+            staged.write_bytes(b"\0" * part.stat().st_size)  # same size, new file
+            staged.replace(part)
             damaged.append(record.window.key)
         return append(assembler, record)
 
-    monkeypatch.setattr(Assembler, "append", lose_a_part)
+    monkeypatch.setattr(Assembler, "append", replace_a_part)
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
         first, start = await export_with(sandbox, output)
         second, _ = await export_with(sandbox, output)
@@ -340,4 +345,99 @@ async def test_a_part_the_disk_lost_fails_its_window_and_the_rerun_heals_it(
     assert second.complete
     assert output.read_bytes() == expected_output(
         sandbox.history, start, start + 4 * HOUR
+    )
+
+
+async def test_a_part_the_machine_lost_in_a_crash_is_requested_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "o.csv"
+
+    def disk_full(assembler: Assembler, record: WindowRecord) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        with monkeypatch.context() as patched:
+            patched.setattr(Assembler, "append", disk_full)
+            first, start = await export_with(sandbox, output)  # parts only
+
+        parts = ExportPaths(output).parts.glob("*.part")
+        lost = max(parts, key=lambda part: part.stat().st_size)
+        lost.write_bytes(b"\0" * lost.stat().st_size)  # size kept, data never written
+        downloads = sum(sandbox.stats.downloads.values())
+        second, _ = await export_with(sandbox, output)
+
+    assert not first.complete
+    assert "No space left" in (first.error or "")
+    assert second.complete
+    assert sum(sandbox.stats.downloads.values()) == downloads + 1
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 4 * HOUR
+    )
+
+
+async def test_a_background_flush_that_fails_stops_cleanly_and_the_rerun_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "o.csv"
+    sync = Assembler.sync
+    flushes: list[int] = []
+
+    def failing_second_flush(assembler: Assembler, batch: Batch) -> None:
+        flushes.append(batch.end)
+        if len(flushes) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        sync(assembler, batch)
+
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        with monkeypatch.context() as patched:
+            patched.setattr(Assembler, "sync", failing_second_flush)
+            first, start = await export_with(sandbox, output, hours=6, flush_bytes=1)
+
+        manifest = Manifest.load(ExportPaths(output).manifest)
+        partial_size = ExportPaths(output).partial.stat().st_size
+        second, _ = await export_with(sandbox, output, hours=6)
+
+    assert not first.complete
+    assert "Input/output error" in (first.error or "")
+    assert manifest.merged_bytes == flushes[0]  # only what the first flush covered
+    assert partial_size > manifest.merged_bytes  # the rest was appended, unrecorded
+    assert second.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 6 * HOUR
+    )
+
+
+async def test_downloads_go_on_while_the_output_is_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "o.csv"
+    hours, concurrency = 8, 2
+    sync, done = Assembler.sync, ExportJob._done
+    all_done = threading.Event()
+    finished: list[WindowRecord] = []
+    waited: list[bool] = []
+
+    async def count_done(job: ExportJob, record: WindowRecord, info: Any) -> None:
+        finished.append(record)
+        if len(finished) == hours:
+            all_done.set()
+        await done(job, record, info)
+
+    def slow_first_flush(assembler: Assembler, batch: Batch) -> None:
+        if not waited:  # held until every window is downloaded, or 5 s at most
+            waited.append(all_done.wait(timeout=5))
+        sync(assembler, batch)
+
+    monkeypatch.setattr(ExportJob, "_done", count_done)
+    monkeypatch.setattr(Assembler, "sync", slow_first_flush)
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        result, start = await export_with(
+            sandbox, output, hours=hours, concurrency=concurrency, flush_bytes=1
+        )
+
+    assert waited == [True]  # the downloads did not wait for the flush
+    assert result.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + hours * HOUR
     )

@@ -4,10 +4,12 @@ import datetime as dt
 import json
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from orchestrator import merger
 from orchestrator.errors import ManifestError
 from orchestrator.manifest import (
     DONE,
@@ -288,3 +290,95 @@ def test_reconcile_removes_unfinished_temporary_files(tmp_path: Path) -> None:
     reconciled(manifest, paths)
 
     assert list(paths.parts.iterdir()) == []
+
+
+def replace_with(path: Path, data: bytes) -> None:
+    """Put ``data`` in place of ``path`` as another program would: a new file
+    renamed over it."""
+    staged = path.with_name(path.name + ".new")
+    staged.write_bytes(data)
+    staged.replace(path)
+
+
+@pytest.mark.parametrize("damage", [b"\0\0\0\0", b"3,x\n3,x\n"])
+def test_a_part_vouched_for_and_then_replaced_is_not_appended(
+    tmp_path: Path, damage: bytes
+) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = reconciled(manifest, paths)
+    record = manifest.windows[0]
+    finish_part(paths, record, b"A,B\n3,x\n")
+    assembler.mark_whole(record)
+    replace_with(paths.part(record.window), damage)
+
+    [ready] = assembler.ready()
+    with pytest.raises(PartChangedError, match="changed on disk"):
+        assembler.append(ready)
+
+
+def test_a_part_vouched_for_is_copied_without_hashing_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = reconciled(manifest, paths)
+    first, second = manifest.windows[:2]
+    finish_part(paths, first, b"A,B\n1,x\n")
+    finish_part(paths, second, b"A,B\n2,x\n")
+    assembler.mark_whole(first)
+
+    def no_hashing() -> None:
+        raise AssertionError("hashed")
+
+    monkeypatch.setattr(merger, "hashlib", SimpleNamespace(sha256=no_hashing))
+    assert assembler.ready() == [first, second]
+    assembler.appended(first, assembler.append(first))
+
+    with pytest.raises(AssertionError, match="hashed"):  # not vouched for: hashed
+        assembler.append(second)
+
+    assembler.flush()
+    assert paths.partial.read_bytes() == b"A,B\n1,x\n"
+
+
+def test_reconcile_vouches_for_the_parts_it_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    finish_part(paths, manifest.windows[0], b"A,B\n1,x\n")
+    assembler = reconciled(manifest, paths)  # checks the part's SHA-256 once
+
+    monkeypatch.setattr(merger, "hashlib", SimpleNamespace(sha256=None))
+    assemble(assembler)
+
+    assert paths.partial.read_bytes() == b"A,B\n1,x\n"
+
+
+def test_a_batch_is_flushed_while_later_windows_are_appended(tmp_path: Path) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = reconciled(manifest, paths, flush_bytes=8)
+    first, second, third = manifest.windows
+    for number, record in enumerate(manifest.windows, start=1):
+        finish_part(paths, record, f"A,B\n{number},x\n".encode())
+
+    assert assembler.ready() == [first, second, third]
+    assembler.appended(first, assembler.append(first))
+    assert assembler.flush_due()
+    batch = assembler.take_batch()
+    assert batch is not None
+    assert not assembler.flush_due()
+    assert assembler.ready() == [second, third]  # the batch's window is not offered
+
+    assembler.appended(second, assembler.append(second))  # while the batch flushes
+    assembler.sync(batch)
+    assembler.settle(batch)
+
+    saved = Manifest.load(paths.manifest)
+    assert [r.state for r in saved.windows] == [MERGED, DONE, DONE]
+    assert saved.merged_bytes == len(b"A,B\n1,x\n")  # not the second window's bytes
+    assert not paths.part(first.window).exists()
+    assert paths.part(second.window).exists()
+    assert assembler.ready() == [third]
+
+    assemble(assembler)
+    assembler.publish()
+    assert paths.output.read_bytes() == b"A,B\n1,x\n2,x\n3,x\n"
