@@ -71,7 +71,7 @@ def _today() -> str:
 
 
 def _median(runs: list[dict[str, Any]], key: str = "wall") -> float:
-    return statistics.median(run[key] for run in runs)
+    return float(statistics.median(run[key] for run in runs))
 
 
 def _shaped(found: dict[str, Any], targets: list[tuple[str, str, bool]]) -> list[str]:

@@ -104,7 +104,6 @@ class ExportJob:
         self.history_lag = settings.history_lag_fallback_seconds
         self.estimates_usable = settings.estimate
         self.assembly_error: str | None = None
-        self._more = False  # windows done since the assembly under way looked
         self._flushes: TaskGroup | None = None
         self._in_flight: anyio.Event | None = None  # set once its batch is flushed
         self.progress = hooks.progress or Progress()
@@ -336,23 +335,18 @@ class ExportJob:
     async def assemble(self, *, flush: bool = False) -> None:
         """Append every window that is next in order, and flush the output to disk
         once enough has piled up (or now, with ``flush``); the disk work runs in
-        worker threads. A caller never waits behind another's assembly: windows
-        done meanwhile are appended by the assembly under way.
+        worker threads.
 
         A failed append or flush (a full disk) stops assembling for this run: the
         windows stay done with their parts kept, and the next run cuts the partial
         output back and appends them again.
         """
-        self._more = True
-        if self.assembling.locked() and not flush:
-            return
-
         async with self.assembling:
-            try:
-                while self._more and not self.assembly_error:
-                    self._more = False
-                    await self._append_ready()
+            if self.assembly_error:
+                return
 
+            try:
+                await self._append_ready()
                 if flush:
                     await self._flush_now()
             except OSError as error:

@@ -16,7 +16,6 @@ import pytest
 from orchestrator.config import HttpSettings, RetrySettings
 from orchestrator.errors import StateWriteError
 from orchestrator.export import ExportResult, Hooks, run_export
-from orchestrator.job import ExportJob
 from orchestrator.manifest import ExportPaths, Manifest, WindowRecord
 from orchestrator.merger import Assembler, Batch
 from orchestrator.sandbox import SandboxServer, SandboxSettings, parse_faults
@@ -408,36 +407,33 @@ async def test_a_background_flush_that_fails_stops_cleanly_and_the_rerun_complet
     )
 
 
-async def test_downloads_go_on_while_the_output_is_flushed(
+async def test_windows_are_appended_while_the_last_batch_is_flushed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "o.csv"
-    hours, concurrency = 8, 2
-    sync, done = Assembler.sync, ExportJob._done
-    all_done = threading.Event()
-    finished: list[WindowRecord] = []
+    append, sync = Assembler.append, Assembler.sync
+    flushing, appended_meanwhile = threading.Event(), threading.Event()
     waited: list[bool] = []
 
-    async def count_done(job: ExportJob, record: WindowRecord, info: Any) -> None:
-        finished.append(record)
-        if len(finished) == hours:
-            all_done.set()
-        await done(job, record, info)
+    def noting_append(assembler: Assembler, record: WindowRecord) -> int:
+        if flushing.is_set():
+            appended_meanwhile.set()
+        return append(assembler, record)
 
     def slow_first_flush(assembler: Assembler, batch: Batch) -> None:
-        if not waited:  # held until every window is downloaded, or 5 s at most
-            waited.append(all_done.wait(timeout=5))
+        if not waited:  # held until another window is appended, 5 s at most
+            flushing.set()
+            waited.append(appended_meanwhile.wait(timeout=5))
+            flushing.clear()
         sync(assembler, batch)
 
-    monkeypatch.setattr(ExportJob, "_done", count_done)
+    monkeypatch.setattr(Assembler, "append", noting_append)
     monkeypatch.setattr(Assembler, "sync", slow_first_flush)
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
-        result, start = await export_with(
-            sandbox, output, hours=hours, concurrency=concurrency, flush_bytes=1
-        )
+        result, start = await export_with(sandbox, output, flush_bytes=1)
 
-    assert waited == [True]  # the downloads did not wait for the flush
+    assert waited == [True]
     assert result.complete
     assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + hours * HOUR
+        sandbox.history, start, start + 4 * HOUR
     )
