@@ -1,13 +1,15 @@
 """Assemble the output: one header, then every window's rows in window order.
 
 Windows are appended to ``<output>.partial`` as soon as the next one in order is done.
-Appends are flushed to disk together, once ``flush_bytes`` have piled up (64 MB
-unless ``--flush-mb`` says otherwise) and at the end: only then does the manifest
-record those windows as merged, and only then are their parts deleted. So a crash at
-any moment, even of the machine, loses nothing (the manifest never claims bytes the
-disk may not have), and an export needs room for the output plus at most
-``flush_bytes`` of appended parts, plus the parts still waiting for their turn. The
-partial file takes the output's name only when every window is in it.
+Appends are flushed to disk in batches, one once ``flush_bytes`` have piled up (64 MB
+unless ``--flush-mb`` says otherwise) and the last at the end: only after its flush
+does the manifest record a batch's windows as merged, and only then are their parts
+deleted. So a crash at any moment, even of the machine, loses nothing (the manifest
+never claims bytes the disk may not have). A batch may be flushed while the next
+windows are appended (one batch at a time), so an export needs room for the output
+plus at most twice ``flush_bytes`` of appended parts, plus the parts still waiting
+for their turn. The partial file takes the output's name only when every window is
+in it.
 """
 
 from __future__ import annotations
