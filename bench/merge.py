@@ -26,6 +26,7 @@ from unittest import mock
 
 from orchestrator.manifest import DONE, ExportPaths, Manifest
 from orchestrator.merger import Assembler, Batch
+from orchestrator.parts import FileIdentity
 
 
 def merge_benchmark(
@@ -75,7 +76,10 @@ def _assemble(template: Manifest, paths: ExportPaths) -> float:
         keep_parts=True,
     )
     for record in records:
-        assembler.mark_whole(record)  # as an export does when a download ends
+        # An export vouches for each part as its download ends (it has just hashed
+        # it); these are such parts, kept by an export, vouched for the same way.
+        part = paths.part(record.window)
+        assembler.mark_whole(record, FileIdentity.of(part.stat()))
 
     started = time.perf_counter()
     with ThreadPoolExecutor(1) as flusher:

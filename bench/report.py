@@ -199,11 +199,13 @@ def _merge(found: dict[str, Any], targets: list[tuple[str, str, bool]]) -> list[
         "## 3. Merge against cat",
         "",
         f"{found['parts']} part files of the export above, {size / MB:,.0f} MB, in the"
-        " page cache. The Assembler runs its real loop: append each part, flush the"
-        " output to disk each time 64 MB have piled up and at the end (saving the"
-        " manifest, then deleting those parts), publish. *Flushes skipped* is the same"
-        " loop with `os.fsync` made a no-op for that run: the copying alone, the work"
-        " `cat` does; journey-export never runs that way.",
+        " page cache. The Assembler runs its real loop: append each part (its"
+        " SHA-256 was checked as it was downloaded, so it is copied, not hashed"
+        " again), flush each 64 MB batch to disk in another thread while the next"
+        " parts are appended (then save the manifest and delete the batch's parts),"
+        " flush the rest, publish. *Flushes skipped* is the same loop with"
+        " `os.fsync` made a no-op for that run: the copying alone, the work `cat`"
+        " does; journey-export never runs that way.",
         "",
         "| what | median s | MB/s | of cat | of cat && sync |",
         "| --- | ---: | ---: | ---: | ---: |",

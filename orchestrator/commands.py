@@ -156,8 +156,8 @@ def exit_code_of(result: ExportResult) -> ExitCode:
     if result.complete:
         return ExitCode.OK
 
-    if result.out_of_time and not result.failed:
-        return ExitCode.TIME_BUDGET
+    if result.out_of_time and not result.failed and not result.error:
+        return ExitCode.TIME_BUDGET  # a disk error says more than the budget
 
     return ExitCode.WINDOWS_FAILED
 

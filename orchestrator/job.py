@@ -239,7 +239,7 @@ class ExportJob:
     async def _done(self, record: WindowRecord, info: PartInfo) -> None:
         part = self.paths.part(record.window)
         os.replace(part.with_suffix(".tmp"), part)
-        self.assembler.mark_whole(record)
+        self.assembler.mark_whole(record, info.written)
 
         record.state = DONE
         record.provisional = self._is_provisional(record)
@@ -325,10 +325,11 @@ class ExportJob:
                 finally:
                     self._flushes = None
         except BaseExceptionGroup as error:
-            # The background flush catches its disk errors, so a lone error here
-            # is the export's own: raise it as it was raised.
+            # The task group wraps whatever ends it, the export's own errors too:
+            # a lone one is raised as it was raised, with its own cause.
             if len(error.exceptions) == 1:
-                raise error.exceptions[0] from None
+                inner = error.exceptions[0]
+                raise inner from inner.__cause__
 
             raise
 

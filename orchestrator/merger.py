@@ -7,9 +7,9 @@ does the manifest record a batch's windows as merged, and only then are their pa
 deleted. So a crash at any moment, even of the machine, loses nothing (the manifest
 never claims bytes the disk may not have). A batch may be flushed while the next
 windows are appended (one batch at a time), so an export needs room for the output
-plus at most twice ``flush_bytes`` of appended parts, plus the parts still waiting
-for their turn. The partial file takes the output's name only when every window is
-in it.
+plus twice ``flush_bytes`` of appended parts (each batch may overrun it by one
+part), plus the parts still waiting for their turn. The partial file takes the
+output's name only when every window is in it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,12 @@ from orchestrator.manifest import (
     Manifest,
     WindowRecord,
 )
-from orchestrator.parts import fsync_directory, open_private, verify_part
+from orchestrator.parts import (
+    FileIdentity,
+    fsync_directory,
+    open_private,
+    verify_part,
+)
 from orchestrator.planner import Window
 
 logger = logging.getLogger(__name__)
@@ -46,7 +51,8 @@ FLUSH_BYTES = FLUSH_MB * 1_000_000
 
 
 class PartChangedError(Exception):
-    """A part no longer holds what was downloaded (the disk lost or changed it)."""
+    """A part no longer holds what was downloaded: it was replaced or rewritten, or
+    it was never hashed in this process and its checksum differs."""
 
     def __init__(self, record: WindowRecord) -> None:
         super().__init__(
@@ -118,8 +124,9 @@ class Assembler:
                 continue
 
             part = self.paths.part(record.window)
-            if verify_part(part, size=record.bytes, sha256=record.sha256 or ""):
-                self.mark_whole(record)
+            checked = verify_part(part, size=record.bytes, sha256=record.sha256 or "")
+            if checked is not None:
+                self._whole[record.window] = checked
                 continue
 
             logger.warning(
@@ -129,12 +136,14 @@ class Assembler:
             part.unlink(missing_ok=True)
             record.state = PENDING
 
-    def mark_whole(self, record: WindowRecord) -> None:
-        """Note that ``record``'s part was just written, or checked against its
-        SHA-256: :meth:`append` may then copy it without hashing it again, as long
-        as the file is the same (inode, size, modification and change times)."""
-        part = self.paths.part(record.window)
-        self._whole[record.window] = FileIdentity.of(os.stat(part))
+    def mark_whole(self, record: WindowRecord, written: FileIdentity | None) -> None:
+        """Note that ``record``'s part was just written and renamed into place:
+        :meth:`append` may then copy it without hashing it again, as long as its
+        identity does not change. ``written`` is the identity of the file the
+        download hashed; a part that is not that file is not vouched for."""
+        found = FileIdentity.of(os.stat(self.paths.part(record.window)))
+        if written is not None and written.same_contents(found):
+            self._whole[record.window] = found
 
     def reopen_provisional(self) -> int:
         """Put windows exported while still provisional back to pending."""
@@ -255,9 +264,10 @@ class Assembler:
         Runs in a worker thread; the caller then calls :meth:`appended`. Bytes left
         by an append that failed half-way (a full disk) are cut off first. The
         part's size is always checked as it is copied, and its SHA-256 too unless
-        :meth:`mark_whole` vouched for this very file. Parts are not flushed to disk
-        one by one: a crash of the machine can leave a part of the right size but
-        the wrong bytes, and that is caught by the SHA-256 check of
+        this very file, unchanged (:class:`FileIdentity`), was hashed in this
+        process: as it was downloaded, or by :meth:`reconcile`. Parts are not
+        flushed to disk one by one: a crash of the machine can leave a part of the
+        right size but the wrong bytes, and that is caught by the SHA-256 check of
         :meth:`reconcile` on the next run.
         """
         with open_private(self.paths.partial, append=True) as output:
@@ -403,27 +413,6 @@ class Batch:
         """Whether the batch begins the output, so the new file's name must be
         flushed too."""
         return self.windows[0][1] == 0
-
-
-@dataclass(frozen=True, slots=True)
-class FileIdentity:
-    """What changes when a file is replaced or written to."""
-
-    device: int
-    inode: int
-    size: int
-    modified_ns: int
-    changed_ns: int
-
-    @classmethod
-    def of(cls, status: os.stat_result) -> FileIdentity:
-        return cls(
-            status.st_dev,
-            status.st_ino,
-            status.st_size,
-            status.st_mtime_ns,
-            status.st_ctime_ns,
-        )
 
 
 class _Checked:

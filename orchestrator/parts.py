@@ -29,13 +29,49 @@ NOT_MARKS = bytes(set(range(256)) - set(b'"\n'))
 
 
 @dataclass(frozen=True, slots=True)
+class FileIdentity:
+    """A file's device, inode, size and times: a file replaced, or written to by
+    another program, shows a different identity. Not a checksum: a rewrite in place
+    of the same size within one tick of the filesystem's clock can go unseen, and so
+    do bytes the disk itself changes."""
+
+    device: int
+    inode: int
+    size: int
+    modified_ns: int
+    changed_ns: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileIdentity:
+        return cls(
+            status.st_dev,
+            status.st_ino,
+            status.st_size,
+            status.st_mtime_ns,
+            status.st_ctime_ns,
+        )
+
+    def same_contents(self, other: FileIdentity) -> bool:
+        """Whether ``other`` is this file, unwritten since (a rename changes only
+        the change time)."""
+        return (self.device, self.inode, self.size, self.modified_ns) == (
+            other.device,
+            other.inode,
+            other.size,
+            other.modified_ns,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class PartInfo:
-    """What a finished part holds; ``newline`` is None when the body had no header."""
+    """What a finished part holds; ``newline`` is None when the body had no header.
+    ``written`` is the identity of the file the rows and checksum were written to."""
 
     rows: int
     bytes: int
     sha256: str
     newline: str | None
+    written: FileIdentity | None = None
 
 
 def open_private(path: Path, *, append: bool = False) -> io.BufferedWriter:
@@ -162,12 +198,15 @@ class PartWriter:
         if self._size and self._last != b"\n":
             self.write((self._newline or "\n").encode())
 
+        self._file.flush()
+        written = FileIdentity.of(os.fstat(self._file.fileno()))
         self._file.close()
         return PartInfo(
             rows=self._counter.rows,
             bytes=self._size,
             sha256=self._digest.hexdigest(),
             newline=self._newline,
+            written=written,
         )
 
     def discard(self) -> None:
@@ -275,17 +314,22 @@ def _row_time(row: bytes, index: int, delimiter: str) -> dt.datetime:
     return moment
 
 
-def verify_part(path: Path, *, size: int, sha256: str) -> bool:
-    """Whether the part on disk still has the recorded size and checksum."""
+def verify_part(path: Path, *, size: int, sha256: str) -> FileIdentity | None:
+    """The identity of the part on disk if it still has the recorded size and
+    checksum, and did not change while it was read; else None."""
     try:
-        if path.stat().st_size != size:
-            return False
-
-        digest = hashlib.sha256()
         with path.open("rb") as stream:
+            before = FileIdentity.of(os.fstat(stream.fileno()))
+            if before.size != size:
+                return None
+
+            digest = hashlib.sha256()
             while block := stream.read(1 << 20):
                 digest.update(block)
-    except OSError:
-        return False
 
-    return digest.hexdigest() == sha256
+            after = FileIdentity.of(os.fstat(stream.fileno()))
+    except OSError:
+        return None
+
+    unchanged = after == before and digest.hexdigest() == sha256
+    return after if unchanged else None

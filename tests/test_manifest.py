@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import merger
+from orchestrator import merger, parts
 from orchestrator.errors import ManifestError
 from orchestrator.manifest import (
     DONE,
@@ -21,7 +21,7 @@ from orchestrator.manifest import (
     WindowRecord,
 )
 from orchestrator.merger import Assembler, PartChangedError
-from orchestrator.parts import PartWriter
+from orchestrator.parts import PartInfo, PartWriter
 from orchestrator.planner import Window, plan_windows
 
 START = dt.datetime(2026, 11, 3, tzinfo=dt.UTC)
@@ -85,13 +85,14 @@ def reconciled(manifest: Manifest, paths: ExportPaths, **options: Any) -> Assemb
     return assembler
 
 
-def finish_part(paths: ExportPaths, record: WindowRecord, body: bytes) -> None:
+def finish_part(paths: ExportPaths, record: WindowRecord, body: bytes) -> PartInfo:
     paths.parts.mkdir(exist_ok=True)
     writer = PartWriter(paths.part(record.window), columns=["A", "B"], delimiter=",")
     writer.write(body)
     info = writer.finish()
     record.state, record.rows, record.bytes = DONE, info.rows, info.bytes
     record.sha256, record.newline = info.sha256, info.newline
+    return info
 
 
 def assemble(assembler: Assembler, *, flush: bool = True) -> None:
@@ -307,8 +308,8 @@ def test_a_part_vouched_for_and_then_replaced_is_not_appended(
     manifest, paths = new_manifest(tmp_path)
     assembler = reconciled(manifest, paths)
     record = manifest.windows[0]
-    finish_part(paths, record, b"A,B\n3,x\n")
-    assembler.mark_whole(record)
+    info = finish_part(paths, record, b"A,B\n3,x\n")
+    assembler.mark_whole(record, info.written)
     replace_with(paths.part(record.window), damage)
 
     [ready] = assembler.ready()
@@ -322,9 +323,9 @@ def test_a_part_vouched_for_is_copied_without_hashing_it_again(
     manifest, paths = new_manifest(tmp_path)
     assembler = reconciled(manifest, paths)
     first, second = manifest.windows[:2]
-    finish_part(paths, first, b"A,B\n1,x\n")
+    info = finish_part(paths, first, b"A,B\n1,x\n")
     finish_part(paths, second, b"A,B\n2,x\n")
-    assembler.mark_whole(first)
+    assembler.mark_whole(first, info.written)
 
     def no_hashing() -> None:
         raise AssertionError("hashed")
@@ -338,6 +339,42 @@ def test_a_part_vouched_for_is_copied_without_hashing_it_again(
 
     assembler.flush()
     assert paths.partial.read_bytes() == b"A,B\n1,x\n"
+
+
+def test_a_part_replaced_before_it_is_vouched_for_is_not_appended(
+    tmp_path: Path,
+) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    assembler = reconciled(manifest, paths)
+    record = manifest.windows[0]
+    info = finish_part(paths, record, b"A,B\n3,x\n")
+    replace_with(paths.part(record.window), b"\0\0\0\0")  # not the file hashed
+
+    assembler.mark_whole(record, info.written)
+
+    [ready] = assembler.ready()
+    with pytest.raises(PartChangedError, match="changed on disk"):
+        assembler.append(ready)
+
+
+def test_a_part_replaced_right_after_reconcile_checked_it_is_not_appended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    finish_part(paths, manifest.windows[0], b"A,B\n3,x\n")
+    verify = parts.verify_part
+
+    def replaced_after_the_check(path: Path, **recorded: Any) -> Any:
+        checked = verify(path, **recorded)
+        replace_with(path, b"\0\0\0\0")
+        return checked
+
+    monkeypatch.setattr("orchestrator.merger.verify_part", replaced_after_the_check)
+    assembler = reconciled(manifest, paths)
+
+    [ready] = assembler.ready()
+    with pytest.raises(PartChangedError, match="changed on disk"):
+        assembler.append(ready)
 
 
 def test_reconcile_vouches_for_the_parts_it_checked(

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.commands import exit_code_of
 from orchestrator.config import build_settings
-from orchestrator.errors import UsageError
+from orchestrator.errors import ExitCode, UsageError
+from orchestrator.job import ExportResult
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.reporting import Progress, progress_line
 from orchestrator.sandbox import History
@@ -363,3 +365,39 @@ def test_a_name_holding_another_complete_export_is_refused_clearly(
     assert refused.returncode == 2
     assert "already holds a complete export" in refused.stderr
     assert "--restart" not in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("error", "failed", "code"),
+    [
+        (None, {}, ExitCode.TIME_BUDGET),
+        (
+            "cannot write o.csv.partial: No space left on device",
+            {},
+            ExitCode.WINDOWS_FAILED,
+        ),
+        (
+            None,
+            {"2026-11-03T05:00Z/2026-11-03T06:00Z": "HTTP 500"},
+            ExitCode.WINDOWS_FAILED,
+        ),
+    ],
+)
+def test_a_spent_time_budget_does_not_hide_a_failure(
+    error: str | None, failed: dict[str, str], code: ExitCode
+) -> None:
+    result = ExportResult(
+        output="o.csv",
+        start="2026-11-03T00:00:00+00:00",
+        end="2026-11-03T12:00:00+00:00",
+        windows=12,
+        exported=3,
+        rows=30,
+        bytes=3000,
+        seconds=60.0,
+        failed=failed,
+        error=error,
+        out_of_time=True,
+    )
+
+    assert exit_code_of(result) == code
