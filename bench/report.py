@@ -49,7 +49,8 @@ def _head(results: dict[str, Any]) -> list[str]:
         "",
         f"Written by `bench/run.py` on {results.get('finished') or _today()}"
         f" ({mode}, {results['seconds']:.0f} s; median of {settings['runs']} runs"
-        " per figure). How to run it and what each step does: `bench/README.md`.",
+        f" per figure, {settings.get('merge_runs', settings['runs'])} for the"
+        " merge). How to run it and what each step does: `bench/README.md`.",
         "",
         "| machine | |",
         "| --- | --- |",

@@ -94,6 +94,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--quick", action="store_true", help="one run each, small sizes")
     add("--runs", type=int, help="runs per measurement, median kept (default 3)")
+    add(
+        "--merge-runs",
+        type=int,
+        help="runs of the merge step, median kept (default 7: each takes seconds,"
+        " and the disk's flush times vary widely)",
+    )
     add("--only", default="shaped,unshaped", help="phases: shaped,unshaped")
     add("--concurrency", default="1,4,16", help="shaped concurrencies")
     add("--windows-per-worker", type=int, help="shaped windows = this x concurrency")
@@ -120,6 +126,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
+    args.merge_runs = args.merge_runs or (1 if args.quick else 7)
     args.windows_per_worker = args.windows_per_worker or (4 if args.quick else 12)
     args.unshaped_gb = args.unshaped_gb or (0.25 if args.quick else 2.0)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -337,7 +344,7 @@ def merge_runs(
     command = ours(start, end, output, concurrency, "none", columns=columns)
     measure([*command, "--keep-parts"], env=env(sb), log=folder / "log")
     say("merge: Assembler against cat on the kept parts")
-    found = merge_benchmark(ExportPaths(output), folder, runs=args.runs, say=say)
+    found = merge_benchmark(ExportPaths(output), folder, runs=args.merge_runs, say=say)
     shutil.rmtree(folder)
     return found
 
