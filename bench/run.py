@@ -52,6 +52,7 @@ MB = 1_000_000
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
     last = raw_numbers_for(args.doc)
     if args.report_only:
         write_report(json.loads(last.read_text()), args.doc, plot_for(args.doc))
