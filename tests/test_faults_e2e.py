@@ -50,6 +50,13 @@ async def export_with(
     return result, start
 
 
+def assert_exported_exactly(
+    output: Path, sandbox: SandboxServer, start: dt.datetime, span: dt.timedelta
+) -> None:
+    """The output holds the sandbox's rows from ``start`` for ``span``, exactly."""
+    assert output.read_bytes() == expected_output(sandbox.history, start, start + span)
+
+
 def sandbox_with(faults: str, **changes: Any) -> SandboxServer:
     settings = SandboxSettings(rows_per_hour=60, faults=parse_faults(faults), **changes)
     return SandboxServer(settings)
@@ -71,9 +78,7 @@ async def test_a_fault_on_every_first_attempt_is_retried(
 
     manifest = Manifest.load(ExportPaths(output).manifest)
     assert result.complete
-    assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + 4 * HOUR
-    )
+    assert_exported_exactly(output, sandbox, start, 4 * HOUR)
     if kind != "token_revoked":  # a revoked token is renewed within the attempt
         assert [r.attempts for r in manifest.windows] == [2] * 4
         assert result.retries == 4
@@ -95,9 +100,7 @@ async def test_a_stall_is_cut_by_the_read_timeout_and_retried(tmp_path: Path) ->
             result, start = await export_with(sandbox, output, hours=3, http=http)
 
     assert result.complete
-    assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + 3 * HOUR
-    )
+    assert_exported_exactly(output, sandbox, start, 3 * HOUR)
 
 
 async def test_a_slow_healthy_download_is_not_cut(tmp_path: Path) -> None:
@@ -115,9 +118,7 @@ async def test_a_slow_healthy_download_is_not_cut(tmp_path: Path) -> None:
 
     assert result.complete and result.retries == 0
     assert elapsed > 1.0  # longer than the read timeout, yet never cut
-    assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + 3 * HOUR
-    )
+    assert_exported_exactly(output, sandbox, start, 3 * HOUR)
 
 
 async def test_short_token_lifetime_is_renewed_before_expiry(tmp_path: Path) -> None:
@@ -158,9 +159,7 @@ async def test_a_concurrency_cap_halves_our_concurrency(tmp_path: Path) -> None:
 
     assert result.complete
     assert result.throttled >= 1
-    assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + 12 * HOUR
-    )
+    assert_exported_exactly(output, sandbox, start, 12 * HOUR)
 
 
 async def test_retries_are_capped_and_the_rerun_requests_only_failed_windows(
@@ -180,9 +179,7 @@ async def test_retries_are_capped_and_the_rerun_requests_only_failed_windows(
         assert sum(sandbox.stats.downloads.values()) - before == 4
 
     assert result.complete
-    assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + 4 * HOUR
-    )
+    assert_exported_exactly(output, sandbox, start, 4 * HOUR)
 
 
 async def test_one_failing_window_does_not_stop_the_others(tmp_path: Path) -> None:
@@ -219,9 +216,7 @@ async def test_a_damaged_manifest_is_reported_and_restart_recovers(
         result, _ = await export_with(sandbox, output, restart=True)
 
     assert result.complete
-    assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + 4 * HOUR
-    )
+    assert_exported_exactly(output, sandbox, start, 4 * HOUR)
 
 
 @pytest.fixture
@@ -261,9 +256,7 @@ async def test_disk_full_stops_cleanly_and_the_rerun_completes(
         result, start = await export_with(sandbox, output, hours=6, compression="none")
 
     assert result.complete
-    assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + 6 * HOUR
-    )
+    assert_exported_exactly(output, sandbox, start, 6 * HOUR)
     assert done_before < 6
 
 
@@ -342,9 +335,7 @@ async def test_a_part_replaced_during_the_run_fails_its_window_and_the_rerun_hea
     assert list(first.failed) == damaged
     assert "changed on disk" in first.failed[damaged[0]]
     assert second.complete
-    assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + 4 * HOUR
-    )
+    assert_exported_exactly(output, sandbox, start, 4 * HOUR)
 
 
 async def test_a_part_the_machine_lost_in_a_crash_is_requested_again(
@@ -370,9 +361,7 @@ async def test_a_part_the_machine_lost_in_a_crash_is_requested_again(
     assert "No space left" in (first.error or "")
     assert second.complete
     assert sum(sandbox.stats.downloads.values()) == downloads + 1
-    assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + 4 * HOUR
-    )
+    assert_exported_exactly(output, sandbox, start, 4 * HOUR)
 
 
 async def test_a_background_flush_that_fails_stops_cleanly_and_the_rerun_completes(
@@ -402,9 +391,7 @@ async def test_a_background_flush_that_fails_stops_cleanly_and_the_rerun_complet
     assert manifest.merged_bytes == flushes[0]  # only what the first flush covered
     assert partial_size > manifest.merged_bytes  # the rest was appended, unrecorded
     assert second.complete
-    assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + 6 * HOUR
-    )
+    assert_exported_exactly(output, sandbox, start, 6 * HOUR)
 
 
 async def test_windows_are_appended_while_the_last_batch_is_flushed(
@@ -434,6 +421,4 @@ async def test_windows_are_appended_while_the_last_batch_is_flushed(
 
     assert waited == [True]
     assert result.complete
-    assert output.read_bytes() == expected_output(
-        sandbox.history, start, start + 4 * HOUR
-    )
+    assert_exported_exactly(output, sandbox, start, 4 * HOUR)
