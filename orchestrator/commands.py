@@ -213,11 +213,14 @@ def run_interruptible(job: Callable[[], Awaitable[_T]]) -> _T:
     except BaseExceptionGroup as group:
         raise _unwrapped(group) from None
 
-    if signals_seen:
+    if not outcome:  # a signal stopped the job before it ended
         raise Interrupted(
-            f"stopped by signal {signals_seen[0]}; state is kept, "
-            "rerun the same command to go on"
+            f"stopped by signal {signals_seen[0] if signals_seen else '?'}; state is "
+            "kept, rerun the same command to go on"
         )
+
+    if signals_seen:
+        logger.warning("signal %d came after the run had ended", signals_seen[0])
 
     return outcome[0]
 

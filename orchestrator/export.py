@@ -114,7 +114,7 @@ async def _download_and_assemble(
     check_retention(manifest, settings, hooks.now())
     manifest.save()
     try:
-        async with job.flushing():
+        async with job.in_background():
             await job.download_missing()
             await job.assemble(flush=True)
     finally:

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 
 from orchestrator.auth import TokenSource
 from orchestrator.config import RunSettings
@@ -32,7 +32,12 @@ from orchestrator.manifest import (
     ExportPaths,
     WindowRecord,
 )
-from orchestrator.merger import Assembler, Batch, PartChangedError
+from orchestrator.merger import (
+    Assembler,
+    Batch,
+    OutputChangedError,
+    PartChangedError,
+)
 from orchestrator.parts import PartInfo
 from orchestrator.pool import PoolEvents, WindowPool
 from orchestrator.reporting import Progress
@@ -40,6 +45,8 @@ from orchestrator.retry import AdaptiveLimiter, RetryPolicy, Sleep, ThrottleGate
 from orchestrator.session import open_session
 
 logger = logging.getLogger(__name__)
+
+MANIFEST_SAVE_SECONDS = 1.0  # at most this late, a checkpoint left unsaved is saved
 
 
 @dataclass(slots=True)
@@ -313,17 +320,21 @@ class ExportJob:
         return halves
 
     @asynccontextmanager
-    async def flushing(self) -> AsyncIterator[None]:
+    async def in_background(self) -> AsyncIterator[None]:
         """While open, each batch of appended windows is flushed to disk in the
-        background while the next windows are appended (one batch at a time).
-        Closing it waits for the batch in flight."""
+        background while the next windows are appended (one batch at a time), and
+        the manifest is saved each second if it has changes a checkpoint left
+        unsaved, so that ``status`` stays current while one window holds the rest
+        up. Closing it waits for the batch in flight."""
         try:
             async with anyio.create_task_group() as group:
                 self._flushes = group
+                saver: anyio.CancelScope = await group.start(self._save_each_second)
                 try:
                     yield
                 finally:
                     self._flushes = None
+                    saver.cancel()
         except BaseExceptionGroup as error:
             # The task group wraps whatever ends it, the export's own errors too:
             # a lone one is raised as it was raised, with its own cause.
@@ -332,6 +343,15 @@ class ExportJob:
                 raise inner from inner.__cause__
 
             raise
+
+    async def _save_each_second(
+        self, *, task_status: TaskStatus[anyio.CancelScope]
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            task_status.started(scope)
+            while True:
+                await anyio.sleep(MANIFEST_SAVE_SECONDS)
+                self.manifest.flush()
 
     async def assemble(self, *, flush: bool = False) -> None:
         """Append every window that is next in order, and flush the output to disk
@@ -350,14 +370,19 @@ class ExportJob:
                 await self._append_ready()
                 if flush:
                     await self._flush_now()
-            except OSError as error:
+            except (OSError, OutputChangedError) as error:
                 self._stop_assembling(error)
 
-    def _stop_assembling(self, error: OSError) -> None:
-        self.assembly_error = (
-            f"cannot write {self.paths.partial}: {error.strerror or error}"
-        )
-        logger.error("%s; rerun once there is room", self.assembly_error)
+    def _stop_assembling(self, error: OSError | OutputChangedError) -> None:
+        if isinstance(error, OutputChangedError):
+            self.assembly_error = str(error)
+        else:
+            self.assembly_error = (
+                f"cannot write {self.paths.partial}: {error.strerror or error}; "
+                "rerun once there is room"
+            )
+
+        logger.error("%s", self.assembly_error)
 
     async def _append_ready(self) -> None:
         assembler = self.assembler
@@ -395,7 +420,7 @@ class ExportJob:
         assert self._in_flight is not None
         try:
             await self._flush(batch)
-        except OSError as error:
+        except (OSError, OutputChangedError) as error:
             self._stop_assembling(error)
         finally:
             self._in_flight.set()

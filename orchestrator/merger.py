@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from orchestrator.config import FLUSH_MB
+from orchestrator.errors import StateWriteError
 from orchestrator.manifest import (
     DONE,
     FAILED,
@@ -51,15 +52,28 @@ FLUSH_BYTES = FLUSH_MB * 1_000_000
 
 
 class PartChangedError(Exception):
-    """A part no longer holds what was downloaded: it was replaced or rewritten, or
-    it was never hashed in this process and its checksum differs."""
+    """A part no longer holds what was downloaded: it was replaced, rewritten or
+    removed, or it was never hashed in this process and its checksum differs."""
 
-    def __init__(self, record: WindowRecord) -> None:
+    def __init__(
+        self, record: WindowRecord, how: str = "size or SHA-256 differs"
+    ) -> None:
         super().__init__(
             f"window {record.window}: its part changed on disk after it was "
-            "downloaded (size or SHA-256 differs); rerun to request it again"
+            f"downloaded ({how}); rerun to request it again"
         )
         self.record = record
+
+
+class OutputChangedError(StateWriteError):
+    """The partial output lost bytes already appended to it: another program
+    removed or cut it during the run."""
+
+    def __init__(self, path: Path, found: int, expected: int) -> None:
+        super().__init__(
+            f"{path} holds {found:,} bytes where {expected:,} were appended: another "
+            "program removed or cut it; rerun to assemble it again"
+        )
 
 
 class Assembler:
@@ -133,7 +147,7 @@ class Assembler:
                 "window %s: part missing or changed; requesting it again",
                 record.window,
             )
-            part.unlink(missing_ok=True)
+            _remove(part)
             record.state = PENDING
 
     def mark_whole(self, record: WindowRecord, written: FileIdentity | None) -> None:
@@ -173,7 +187,7 @@ class Assembler:
 
         self.manifest.complete = False
         for record in reopen:
-            self.paths.part(record.window).unlink(missing_ok=True)
+            _remove(self.paths.part(record.window))
             record.state, record.provisional = PENDING, False
 
         self.manifest.save()
@@ -270,15 +284,12 @@ class Assembler:
         right size but the wrong bytes, and that is caught by the SHA-256 check of
         :meth:`reconcile` on the next run.
         """
-        with open_private(self.paths.partial, append=True) as output:
-            if os.fstat(output.fileno()).st_size != self._size:
-                output.truncate(self._size)
-
+        with self._open_partial() as output:
             if self._size == 0:
                 self._write(output, [self._header_bytes])
 
             whole = self._whole.pop(record.window, None)
-            with self.paths.part(record.window).open("rb") as source:
+            with self._open_part(record) as source:
                 same = FileIdentity.of(os.fstat(source.fileno())) == whole
                 checked = _Checked(record, hashing=not same)
                 self._write(output, checked.blocks(source))
@@ -286,6 +297,27 @@ class Assembler:
             output.flush()
             checked.verify()
             return os.fstat(output.fileno()).st_size
+
+    def _open_partial(self) -> io.BufferedWriter:
+        """The partial output, opened to append at its recorded end: bytes left by
+        an append that failed half-way are cut off; bytes missing are an error,
+        never padded."""
+        output = open_private(self.paths.partial, append=True)
+        found = os.fstat(output.fileno()).st_size
+        if found < self._size:
+            output.close()
+            raise OutputChangedError(self.paths.partial, found, self._size)
+
+        if found > self._size:
+            output.truncate(self._size)
+
+        return output
+
+    def _open_part(self, record: WindowRecord) -> io.BufferedReader:
+        try:
+            return self.paths.part(record.window).open("rb")
+        except OSError as error:
+            raise PartChangedError(record, error.strerror or str(error)) from None
 
     def _header_line(self) -> bytes:
         return (self._header + (self._newline() or "\n")).encode()
@@ -315,7 +347,7 @@ class Assembler:
     def drop(self, record: WindowRecord, reason: str) -> None:
         """Fail a window whose part cannot be appended, so a rerun requests it."""
         self._whole.pop(record.window, None)
-        self.paths.part(record.window).unlink(missing_ok=True)
+        _remove(self.paths.part(record.window))
         record.state, record.error = FAILED, reason
         self.manifest.checkpoint()
 
@@ -337,8 +369,19 @@ class Assembler:
     def sync(self, batch: Batch) -> None:
         """Flush the partial output to disk, at least up to the end of ``batch``
         (a worker thread may run this, while another appends)."""
-        with open_private(self.paths.partial, append=True) as output:
-            os.fsync(output.fileno())
+        try:
+            descriptor = os.open(self.paths.partial, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            raise OutputChangedError(self.paths.partial, 0, batch.end) from None
+
+        try:
+            os.fsync(descriptor)
+            found = os.fstat(descriptor).st_size
+        finally:
+            os.close(descriptor)
+
+        if found < batch.end:
+            raise OutputChangedError(self.paths.partial, found, batch.end)
 
         if batch.starts_file():
             fsync_directory(self.paths.partial.parent)
@@ -355,7 +398,7 @@ class Assembler:
         for record, _ in batch.windows:
             self._appended.discard(id(record))
             if not self._keep_parts:
-                self.paths.part(record.window).unlink(missing_ok=True)
+                _remove(self.paths.part(record.window))
 
     def flush(self) -> None:
         """Flush what is appended and not yet in a batch, in the calling thread;
@@ -369,6 +412,12 @@ class Assembler:
         self.flush()
         if self.manifest.merged_bytes == 0:
             self.append_header_only()
+
+        found = self.paths.partial.stat().st_size if self.paths.partial.exists() else 0
+        if found != self.manifest.merged_bytes:
+            raise OutputChangedError(
+                self.paths.partial, found, self.manifest.merged_bytes
+            )
 
         os.replace(self.paths.partial, self.paths.output)
         fsync_directory(self.paths.output.parent)
@@ -440,6 +489,17 @@ class _Checked:
 
         if digest is not None and digest.hexdigest() != record.sha256:
             raise PartChangedError(record)
+
+
+def _remove(part: Path) -> None:
+    """Delete a part file if it is there; what cannot be deleted stops the run."""
+    try:
+        part.unlink(missing_ok=True)
+    except OSError as error:
+        raise StateWriteError(
+            f"cannot delete {part} ({error.strerror or error}): it should be a part "
+            "file of this export; remove it and rerun"
+        ) from None
 
 
 def _read_range(stream: BinaryIO, length: int) -> Iterator[bytes]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -422,3 +424,120 @@ async def test_windows_are_appended_while_the_last_batch_is_flushed(
     assert waited == [True]
     assert result.complete
     assert_exported_exactly(output, sandbox, start, 4 * HOUR)
+
+
+@pytest.mark.parametrize("damage", ["removed", "cut"])
+async def test_a_partial_output_damaged_during_the_run_is_never_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    output = tmp_path / "o.csv"
+    append = Assembler.append
+    appends: list[str] = []
+
+    def damage_the_partial(assembler: Assembler, record: WindowRecord) -> int:
+        appends.append(record.window.key)
+        partial = assembler.paths.partial
+        if len(appends) == 3 and damage == "removed":
+            partial.unlink()
+        elif len(appends) == 3:
+            os.truncate(partial, 10)
+        return append(assembler, record)
+
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        with monkeypatch.context() as patched:
+            patched.setattr(Assembler, "append", damage_the_partial)
+            first, start = await export_with(sandbox, output, hours=6, flush_bytes=1)
+
+        assert not output.exists()
+        second, _ = await export_with(sandbox, output, hours=6)
+
+    assert not first.complete
+    assert "removed or cut it; rerun" in (first.error or "")
+    assert second.complete
+    assert_exported_exactly(output, sandbox, start, 6 * HOUR)
+
+
+async def test_a_part_removed_during_the_run_fails_its_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "o.csv"
+    append = Assembler.append
+    removed: list[str] = []
+
+    def remove_a_part(assembler: Assembler, record: WindowRecord) -> int:
+        if not removed and record is assembler.manifest.windows[1]:
+            assembler.paths.part(record.window).unlink()
+            removed.append(record.window.key)
+        return append(assembler, record)
+
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        with monkeypatch.context() as patched:
+            patched.setattr(Assembler, "append", remove_a_part)
+            first, start = await export_with(sandbox, output)
+
+        second, _ = await export_with(sandbox, output)
+
+    assert list(first.failed) == removed
+    assert "changed on disk" in first.failed[removed[0]]
+    assert "No such file" in first.failed[removed[0]]
+    assert first.error is None  # not taken for a disk error
+    assert second.complete
+    assert_exported_exactly(output, sandbox, start, 4 * HOUR)
+
+
+async def test_a_directory_in_place_of_a_part_stops_the_run_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "o.csv"
+    append = Assembler.append
+    blocked: list[Path] = []
+
+    def block_a_part(assembler: Assembler, record: WindowRecord) -> int:
+        part = assembler.paths.part(record.window)
+        if not blocked and record is assembler.manifest.windows[1]:
+            part.unlink()
+            (part / "something").mkdir(parents=True)
+            blocked.append(part)
+        return append(assembler, record)
+
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        with monkeypatch.context() as patched:
+            patched.setattr(Assembler, "append", block_a_part)
+            with pytest.raises(StateWriteError, match="remove it and rerun"):
+                await export_with(sandbox, output)
+
+        with pytest.raises(StateWriteError, match="remove it and rerun"):
+            await export_with(sandbox, output)  # still there: the same clear stop
+
+        shutil.rmtree(blocked[0])
+        second, start = await export_with(sandbox, output)
+
+    assert second.complete
+    assert_exported_exactly(output, sandbox, start, 4 * HOUR)
+
+
+async def test_the_manifest_is_saved_while_one_window_holds_the_rest_up(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "o.csv"
+    paths = ExportPaths(output)
+    seen_done: list[int] = []
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history, hours=4)
+        first_hour = start.strftime("%Y-%m-%dT%H:%M:%SZ")
+        faults = f"slow_first_byte@1@{first_hour}, first_byte_seconds=4"
+        sandbox.update(faults=parse_faults(faults))
+
+        async def watch() -> None:
+            while not output.exists():
+                await anyio.sleep(0.2)
+                if paths.manifest.exists():
+                    counts = Manifest.load(paths.manifest).counts()
+                    seen_done.append(counts["done"] + counts["merged"])
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            result, _ = await export_with(sandbox, output)
+
+    assert result.complete
+    assert max(seen_done[:10]) >= 3  # in the first two seconds, window 1 still out

@@ -5,13 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
-from orchestrator.commands import exit_code_of
+from orchestrator.commands import Interrupted, exit_code_of, run_interruptible
 from orchestrator.config import build_settings
 from orchestrator.errors import ExitCode, UsageError
 from orchestrator.job import ExportResult
@@ -401,3 +403,25 @@ def test_a_spent_time_budget_does_not_hide_a_failure(
     )
 
     assert exit_code_of(result) == code
+
+
+def test_a_signal_during_the_last_shielded_step_does_not_undo_a_finished_run() -> None:
+    async def job() -> str:
+        await anyio.sleep(0.2)  # the signal watcher is in place
+        with anyio.CancelScope(shield=True):  # as the final flush and publish are
+            os.kill(os.getpid(), signal.SIGTERM)
+            await anyio.sleep(0.3)
+        return "complete"
+
+    assert run_interruptible(job) == "complete"
+
+
+def test_a_signal_before_the_run_ends_interrupts_it() -> None:
+    async def job() -> str:
+        await anyio.sleep(0.2)  # the signal watcher is in place
+        os.kill(os.getpid(), signal.SIGTERM)
+        await anyio.sleep(5)
+        return "complete"
+
+    with pytest.raises(Interrupted, match="stopped by signal 15"):
+        run_interruptible(job)
