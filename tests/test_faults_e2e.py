@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,19 @@ def assert_exported_exactly(
 ) -> None:
     """The output holds the sandbox's rows from ``start`` for ``span``, exactly."""
     assert output.read_bytes() == expected_output(sandbox.history, start, start + span)
+
+
+def before_each_append(
+    patched: pytest.MonkeyPatch, act: Callable[[Assembler, WindowRecord], None]
+) -> None:
+    """Run ``act`` just before the Assembler appends each window's part."""
+    append = Assembler.append
+
+    def acting(assembler: Assembler, record: WindowRecord) -> int:
+        act(assembler, record)
+        return append(assembler, record)
+
+    patched.setattr(Assembler, "append", acting)
 
 
 def sandbox_with(faults: str, **changes: Any) -> SandboxServer:
@@ -316,19 +330,17 @@ async def test_a_part_replaced_during_the_run_fails_its_window_and_the_rerun_hea
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "o.csv"
-    append = Assembler.append
     damaged: list[str] = []
 
-    def replace_a_part(assembler: Assembler, record: WindowRecord) -> int:
+    def replace_a_part(assembler: Assembler, record: WindowRecord) -> None:
         part = assembler.paths.part(record.window)
         if not damaged and part.stat().st_size:
             staged = part.with_name("replacement")
             staged.write_bytes(b"\0" * part.stat().st_size)  # same size, new file
             staged.replace(part)
             damaged.append(record.window.key)
-        return append(assembler, record)
 
-    monkeypatch.setattr(Assembler, "append", replace_a_part)
+    before_each_append(monkeypatch, replace_a_part)
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
         first, start = await export_with(sandbox, output)
         second, _ = await export_with(sandbox, output)
@@ -400,14 +412,13 @@ async def test_windows_are_appended_while_the_last_batch_is_flushed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "o.csv"
-    append, sync = Assembler.append, Assembler.sync
+    sync = Assembler.sync
     flushing, appended_meanwhile = threading.Event(), threading.Event()
     waited: list[bool] = []
 
-    def noting_append(assembler: Assembler, record: WindowRecord) -> int:
+    def note_append(assembler: Assembler, record: WindowRecord) -> None:
         if flushing.is_set():
             appended_meanwhile.set()
-        return append(assembler, record)
 
     def slow_first_flush(assembler: Assembler, batch: Batch) -> None:
         if not waited:  # held until another window is appended, 5 s at most
@@ -416,7 +427,7 @@ async def test_windows_are_appended_while_the_last_batch_is_flushed(
             flushing.clear()
         sync(assembler, batch)
 
-    monkeypatch.setattr(Assembler, "append", noting_append)
+    before_each_append(monkeypatch, note_append)
     monkeypatch.setattr(Assembler, "sync", slow_first_flush)
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
         result, start = await export_with(sandbox, output, flush_bytes=1)
@@ -431,21 +442,19 @@ async def test_a_partial_output_damaged_during_the_run_is_never_published(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
 ) -> None:
     output = tmp_path / "o.csv"
-    append = Assembler.append
     appends: list[str] = []
 
-    def damage_the_partial(assembler: Assembler, record: WindowRecord) -> int:
+    def damage_the_partial(assembler: Assembler, record: WindowRecord) -> None:
         appends.append(record.window.key)
         partial = assembler.paths.partial
         if len(appends) == 3 and damage == "removed":
             partial.unlink()
         elif len(appends) == 3:
             os.truncate(partial, 10)
-        return append(assembler, record)
 
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
         with monkeypatch.context() as patched:
-            patched.setattr(Assembler, "append", damage_the_partial)
+            before_each_append(patched, damage_the_partial)
             first, start = await export_with(sandbox, output, hours=6, flush_bytes=1)
 
         assert not output.exists()
@@ -461,18 +470,16 @@ async def test_a_part_removed_during_the_run_fails_its_window(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "o.csv"
-    append = Assembler.append
     removed: list[str] = []
 
-    def remove_a_part(assembler: Assembler, record: WindowRecord) -> int:
+    def remove_a_part(assembler: Assembler, record: WindowRecord) -> None:
         if not removed and record is assembler.manifest.windows[1]:
             assembler.paths.part(record.window).unlink()
             removed.append(record.window.key)
-        return append(assembler, record)
 
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
         with monkeypatch.context() as patched:
-            patched.setattr(Assembler, "append", remove_a_part)
+            before_each_append(patched, remove_a_part)
             first, start = await export_with(sandbox, output)
 
         second, _ = await export_with(sandbox, output)
@@ -489,20 +496,18 @@ async def test_a_directory_in_place_of_a_part_stops_the_run_with_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "o.csv"
-    append = Assembler.append
     blocked: list[Path] = []
 
-    def block_a_part(assembler: Assembler, record: WindowRecord) -> int:
+    def block_a_part(assembler: Assembler, record: WindowRecord) -> None:
         part = assembler.paths.part(record.window)
         if not blocked and record is assembler.manifest.windows[1]:
             part.unlink()
             (part / "something").mkdir(parents=True)
             blocked.append(part)
-        return append(assembler, record)
 
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
         with monkeypatch.context() as patched:
-            patched.setattr(Assembler, "append", block_a_part)
+            before_each_append(patched, block_a_part)
             with pytest.raises(StateWriteError, match="remove it and rerun"):
                 await export_with(sandbox, output)
 
