@@ -39,10 +39,11 @@ def load_credentials(
 ) -> Credentials:
     """Credentials from the environment, completed by ``credentials.file`` if named.
 
-    A config or credentials file that other users can read draws a warning.
+    A credentials file that other users can read or change draws a warning; a
+    config file (which holds no secret) only if they can change it.
     """
     if config_path is not None:
-        warn_if_shared(config_path)
+        warn_if_writable_by_others(config_path)
 
     name = config.get("credentials", {}).get("file")
     if not name:
@@ -58,15 +59,32 @@ def load_credentials(
 
 def warn_if_shared(path: Path) -> None:
     """Warn when ``path`` is readable or writable by users other than its owner."""
-    try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:
-        return
-
+    mode = _mode(path)
     if mode & 0o077:
         logger.warning(
             "%s is open to other users (mode %o); run: chmod 600 %s", path, mode, path
         )
+
+
+def warn_if_writable_by_others(path: Path) -> None:
+    """Warn when users other than the owner can change ``path``: they could point
+    the export at another credentials file or server."""
+    mode = _mode(path)
+    if mode & 0o022:
+        logger.warning(
+            "%s can be changed by other users (mode %o), who could send the "
+            "credentials elsewhere; run: chmod go-w %s",
+            path,
+            mode,
+            path,
+        )
+
+
+def _mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        return 0
 
 
 def read_credentials_file(path: Path) -> dict[str, str]:

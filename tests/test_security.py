@@ -128,15 +128,35 @@ def test_shared_config_and_credentials_files_draw_a_warning(
     config = tmp_path / "c.toml"
     config.write_text(f'[credentials]\nfile = "{secrets_file}"\n')
     os.chmod(secrets_file, 0o644)
-    os.chmod(config, 0o640)
+    os.chmod(config, 0o664)
 
     credentials = load_credentials({}, load_config(config), config)
 
     assert credentials.client_secret == SECRET
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(str(secrets_file) in w and "chmod 600" in w for w in warnings)
-    assert any(str(config) in w for w in warnings)
+    assert any(str(config) in w and "chmod go-w" in w for w in warnings)
     assert all(SECRET not in w for w in warnings)
+
+
+def test_a_config_file_others_can_only_read_draws_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[export]\nconcurrency = 4\n")  # no secret can live here
+    os.chmod(config, 0o644)
+
+    load_credentials(
+        {
+            "SFMC_CLIENT_ID": "id",
+            "SFMC_CLIENT_SECRET": SECRET,
+            "SFMC_AUTH_URL": "https://x.auth.marketingcloudapis.com",
+        },
+        load_config(config),
+        config,
+    )
+
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_environment_wins_over_the_credentials_file(tmp_path: Path) -> None:
