@@ -215,8 +215,8 @@ def run_interruptible(job: Callable[[], Awaitable[_T]]) -> _T:
 
     if not outcome:  # a signal stopped the job before it ended
         raise Interrupted(
-            f"stopped by signal {signals_seen[0] if signals_seen else '?'}; state is "
-            "kept, rerun the same command to go on"
+            f"stopped by signal {signals_seen[0]}; state is kept, "
+            "rerun the same command to go on"
         )
 
     if signals_seen:

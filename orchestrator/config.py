@@ -26,6 +26,7 @@ from orchestrator.timeparse import load_zone, parse_duration, parse_time
 
 MAX_CONCURRENCY = 64
 FLUSH_MB = 64  # MB appended to the output between two flushes to disk
+FLUSH_BYTES = FLUSH_MB * 1_000_000
 MIN_FLUSH_MB = 0.001
 MAX_FLUSH_MB = 100_000
 COMPRESSIONS = ("gzip", "deflate", "none")
@@ -112,7 +113,7 @@ class RunSettings:
     max_duration: dt.timedelta | None = None
     gzip_output: bool = False
     redo: tuple[str, ...] = ()
-    flush_bytes: int = FLUSH_MB * 1_000_000
+    flush_bytes: int = FLUSH_BYTES
     retry: RetrySettings = RetrySettings()
     http: HttpSettings = HttpSettings()
 

@@ -59,32 +59,26 @@ def load_credentials(
 
 def warn_if_shared(path: Path) -> None:
     """Warn when ``path`` is readable or writable by users other than its owner."""
-    mode = _mode(path)
-    if mode & 0o077:
-        logger.warning(
-            "%s is open to other users (mode %o); run: chmod 600 %s", path, mode, path
-        )
+    _warn_if_open(path, 0o077, "is open to other users", "", "chmod 600")
 
 
 def warn_if_writable_by_others(path: Path) -> None:
     """Warn when users other than the owner can change ``path``: they could point
     the export at another credentials file or server."""
-    mode = _mode(path)
-    if mode & 0o022:
-        logger.warning(
-            "%s can be changed by other users (mode %o), who could send the "
-            "credentials elsewhere; run: chmod go-w %s",
-            path,
-            mode,
-            path,
-        )
+    why = ", who could send the credentials elsewhere"
+    _warn_if_open(path, 0o022, "can be changed by other users", why, "chmod go-w")
 
 
-def _mode(path: Path) -> int:
+def _warn_if_open(path: Path, bits: int, what: str, why: str, fix: str) -> None:
     try:
-        return path.stat().st_mode & 0o777
+        mode = path.stat().st_mode & 0o777
     except OSError:
-        return 0
+        return
+
+    if mode & bits:
+        logger.warning(
+            "%s %s (mode %o)%s; run: %s %s", path, what, mode, why, fix, path
+        )
 
 
 def read_credentials_file(path: Path) -> dict[str, str]:

@@ -369,7 +369,7 @@ class ExportJob:
             try:
                 await self._append_ready()
                 if flush:
-                    await self._flush_now()
+                    await self._flush_appended(wait=True)
             except (OSError, OutputChangedError) as error:
                 self._stop_assembling(error)
 
@@ -399,17 +399,18 @@ class ExportJob:
 
             assembler.appended(record, size)
             if assembler.flush_due():
-                await self._begin_flush()
+                await self._flush_appended(wait=False)
 
-    async def _begin_flush(self) -> None:
-        """Start flushing what is appended, in the background if :meth:`flushing`
-        is open; first wait for the batch in flight, if any."""
+    async def _flush_appended(self, *, wait: bool) -> None:
+        """Flush what is appended as one batch, once the batch in flight (if any)
+        is done: in the background while :meth:`in_background` is open, unless
+        ``wait`` asks to wait for it."""
         await self._wait_for_flush()
         batch = None if self.assembly_error else self.assembler.take_batch()
         if batch is None:
             return
 
-        if self._flushes is None:
+        if wait or self._flushes is None:
             await self._flush(batch)
             return
 
@@ -424,12 +425,6 @@ class ExportJob:
             self._stop_assembling(error)
         finally:
             self._in_flight.set()
-
-    async def _flush_now(self) -> None:
-        await self._wait_for_flush()
-        batch = None if self.assembly_error else self.assembler.take_batch()
-        if batch is not None:
-            await self._flush(batch)
 
     async def _wait_for_flush(self) -> None:
         """Wait until no batch is in flight."""

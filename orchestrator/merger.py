@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from orchestrator.config import FLUSH_MB
+from orchestrator.config import FLUSH_BYTES
 from orchestrator.errors import StateWriteError
 from orchestrator.manifest import (
     DONE,
@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
 GZIP_LEVEL = 6
-FLUSH_BYTES = FLUSH_MB * 1_000_000
 
 
 class PartChangedError(Exception):
@@ -96,10 +95,7 @@ class Assembler:
         self._keep_parts = keep_parts
         self._gzip = gzip
         self._flush_bytes = flush_bytes
-        # Appended and not yet in a batch: each record with the offset it starts at.
-        self._unflushed: list[tuple[WindowRecord, int]] = []
-        self._appended: set[int] = set()  # ids of the records appended, not merged
-        self._size = self._batched_to = manifest.merged_bytes
+        self._restart_at(manifest.merged_bytes)
         self._header_bytes = b""
         # Parts known whole in this process, each with its file's identity then.
         self._whole: dict[Window, FileIdentity] = {}
@@ -113,9 +109,15 @@ class Assembler:
 
         self._reconcile_partial()
         self._reconcile_parts()
-        self._unflushed, self._appended = [], set()
-        self._size = self._batched_to = self.manifest.merged_bytes
+        self._restart_at(self.manifest.merged_bytes)
         self.manifest.save()
+
+    def _restart_at(self, size: int) -> None:
+        """Take the output as ``size`` bytes long, every byte of it recorded."""
+        # Appended and not yet in a batch: each record with the offset it starts at.
+        self._unflushed: list[tuple[WindowRecord, int]] = []
+        self._appended: set[int] = set()  # ids of the records appended, not merged
+        self._size = self._batched_to = size
 
     def _reconcile_partial(self) -> None:
         partial = self.paths.partial
@@ -216,7 +218,8 @@ class Assembler:
         # once the manifest counts on them.
         fsync_directory(self.paths.parts)
         fsync_directory(self.paths.partial.parent)
-        self.manifest.merged_bytes = self._size = self._batched_to = offset
+        self.manifest.merged_bytes = offset
+        self._restart_at(offset)
 
     def _copy_head(self, assembled: BinaryIO, length: int) -> None:
         """Start the partial output as the first ``length`` bytes of the output."""
@@ -431,8 +434,8 @@ class Assembler:
             self._write(output, [self._header_line()])
             output.flush()
             os.fsync(output.fileno())
-            self.manifest.merged_bytes = self._size = output.tell()
-            self._batched_to = self._size
+            self.manifest.merged_bytes = output.tell()
+            self._restart_at(self.manifest.merged_bytes)
 
     def all_merged(self) -> bool:
         return all(record.state == MERGED for record in self.manifest.windows)
@@ -484,10 +487,8 @@ class _Checked:
 
     def verify(self) -> None:
         record, digest = self._record, self._digest
-        if self._size != record.bytes:
-            raise PartChangedError(record)
-
-        if digest is not None and digest.hexdigest() != record.sha256:
+        hash_differs = digest is not None and digest.hexdigest() != record.sha256
+        if self._size != record.bytes or hash_differs:
             raise PartChangedError(record)
 
 

@@ -11,6 +11,7 @@ again (``verify_part``).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -54,12 +55,7 @@ class FileIdentity:
     def same_contents(self, other: FileIdentity) -> bool:
         """Whether ``other`` is this file, unwritten since (a rename changes only
         the change time)."""
-        return (self.device, self.inode, self.size, self.modified_ns) == (
-            other.device,
-            other.inode,
-            other.size,
-            other.modified_ns,
-        )
+        return dataclasses.replace(other, changed_ns=self.changed_ns) == self
 
 
 @dataclass(frozen=True, slots=True)

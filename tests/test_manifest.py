@@ -301,6 +301,13 @@ def replace_with(path: Path, data: bytes) -> None:
     staged.replace(path)
 
 
+def assert_the_next_part_is_refused(assembler: Assembler) -> None:
+    """The one window ready to append is refused: its part is not what was hashed."""
+    [ready] = assembler.ready()
+    with pytest.raises(PartChangedError, match="changed on disk"):
+        assembler.append(ready)
+
+
 @pytest.mark.parametrize("damage", [b"\0\0\0\0", b"3,x\n3,x\n"])
 def test_a_part_vouched_for_and_then_replaced_is_not_appended(
     tmp_path: Path, damage: bytes
@@ -312,9 +319,7 @@ def test_a_part_vouched_for_and_then_replaced_is_not_appended(
     assembler.mark_whole(record, info.written)
     replace_with(paths.part(record.window), damage)
 
-    [ready] = assembler.ready()
-    with pytest.raises(PartChangedError, match="changed on disk"):
-        assembler.append(ready)
+    assert_the_next_part_is_refused(assembler)
 
 
 def test_a_part_vouched_for_is_copied_without_hashing_it_again(
@@ -352,9 +357,7 @@ def test_a_part_replaced_before_it_is_vouched_for_is_not_appended(
 
     assembler.mark_whole(record, info.written)
 
-    [ready] = assembler.ready()
-    with pytest.raises(PartChangedError, match="changed on disk"):
-        assembler.append(ready)
+    assert_the_next_part_is_refused(assembler)
 
 
 def test_a_part_replaced_right_after_reconcile_checked_it_is_not_appended(
@@ -372,9 +375,7 @@ def test_a_part_replaced_right_after_reconcile_checked_it_is_not_appended(
     monkeypatch.setattr("orchestrator.merger.verify_part", replaced_after_the_check)
     assembler = reconciled(manifest, paths)
 
-    [ready] = assembler.ready()
-    with pytest.raises(PartChangedError, match="changed on disk"):
-        assembler.append(ready)
+    assert_the_next_part_is_refused(assembler)
 
 
 def test_reconcile_vouches_for_the_parts_it_checked(
