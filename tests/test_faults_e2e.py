@@ -412,7 +412,7 @@ async def test_windows_are_appended_while_the_last_batch_is_flushed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "o.csv"
-    sync = Assembler.sync
+    take_batch, sync = Assembler.take_batch, Assembler.sync
     flushing, appended_meanwhile = threading.Event(), threading.Event()
     waited: list[bool] = []
 
@@ -420,14 +420,20 @@ async def test_windows_are_appended_while_the_last_batch_is_flushed(
         if flushing.is_set():
             appended_meanwhile.set()
 
+    def note_first_batch(assembler: Assembler) -> Batch | None:
+        batch = take_batch(assembler)
+        if batch and not waited:  # pending from here until its flush returns
+            flushing.set()
+        return batch
+
     def slow_first_flush(assembler: Assembler, batch: Batch) -> None:
         if not waited:  # held until another window is appended, 5 s at most
-            flushing.set()
             waited.append(appended_meanwhile.wait(timeout=5))
             flushing.clear()
         sync(assembler, batch)
 
     before_each_append(monkeypatch, note_append)
+    monkeypatch.setattr(Assembler, "take_batch", note_first_batch)
     monkeypatch.setattr(Assembler, "sync", slow_first_flush)
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
         result, start = await export_with(sandbox, output, flush_bytes=1)
