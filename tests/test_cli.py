@@ -170,6 +170,14 @@ def test_plain_http_to_another_host_is_refused(tmp_path: Path) -> None:
     assert "SFMC_AUTH_URL" in done.stderr
 
 
+def wait_for_file(path: Path, timeout: float = 30) -> None:
+    """Wait until ``path`` exists (a slow machine may take seconds to start)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
 def slow_run(
     output: Path, port: int, hours: int, end: dt.datetime, *flags: str
 ) -> subprocess.Popen[bytes]:
@@ -187,7 +195,7 @@ def test_sigterm_exits_130_and_the_rerun_completes(tmp_path: Path) -> None:
     try:
         output = tmp_path / "o.csv"
         run = slow_run(output, port, 12, end)
-        time.sleep(2.0)
+        wait_for_file(ExportPaths(output).manifest)  # the run has started
         run.send_signal(signal.SIGTERM)
         assert run.wait(30) == 130
         manifest = Manifest.load(ExportPaths(output).manifest)
