@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from orchestrator.cli import main
+from orchestrator.launch import main
 
 sys.exit(main())

@@ -18,6 +18,7 @@ from typing import NoReturn
 from orchestrator import __version__, commands, sfmc
 from orchestrator.demo import add_commands as add_sandbox_commands
 from orchestrator.errors import ExitCode, JourneyExportError
+from orchestrator.launch import INTERRUPTED_LINE
 from orchestrator.reporting import ClearingHandler, JsonFormatter, ProgressDisplay
 
 EPILOG = (
@@ -69,7 +70,7 @@ def _exit_code_for(error: BaseException) -> int:
         return int(found.exit_code)
 
     if isinstance(found, KeyboardInterrupt):
-        print("journey-export: interrupted; rerun the same command", file=sys.stderr)
+        print(INTERRUPTED_LINE, file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
 
     if isinstance(found, BrokenPipeError):

@@ -425,3 +425,35 @@ def test_a_signal_before_the_run_ends_interrupts_it() -> None:
 
     with pytest.raises(Interrupted, match="stopped by signal 15"):
         run_interruptible(job)
+
+
+# Sends the signal from inside the import of the command line, which is where a
+# signal soon after start-up lands: before any run watches for signals.
+SIGNAL_DURING_START_UP = """
+import os, signal, sys
+from orchestrator.launch import main
+
+class SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "orchestrator.cli":
+            os.kill(os.getpid(), signal.{name})
+        return None
+
+sys.meta_path.insert(0, SignalOnImport())
+sys.exit(main(["values"]))
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_start_up_ends_with_one_line_and_130(name: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DURING_START_UP.replace("{name}", name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == ExitCode.INTERRUPTED
+    assert done.stderr == "journey-export: interrupted; rerun the same command\n"
+    assert done.stdout == ""
