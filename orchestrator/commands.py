@@ -283,7 +283,9 @@ def command_plan(args: argparse.Namespace) -> int:
     if args.ask_estimates:
         credentials = load_credentials(os.environ, config, args.config)
         planned = run_interruptible(lambda: estimate_windows(settings, credentials))
-        print_estimates(planned, settings.cap_bytes)
+        print_estimates(
+            planned, settings.cap_bytes, compressed=settings.compression != "none"
+        )
         return int(ExitCode.OK)
 
     windows = plan_windows(settings.start, settings.end, settings.window)
@@ -296,9 +298,13 @@ def command_plan(args: argparse.Namespace) -> int:
 
 
 def print_estimates(
-    planned: list[tuple[Window, Estimate | None]], cap_bytes: int
+    planned: list[tuple[Window, Estimate | None]], cap_bytes: int, *, compressed: bool
 ) -> None:
-    """Print each window's estimate and the totals; '?' where none was readable."""
+    """Print each window's estimate and the totals; '?' where none was readable.
+
+    A window is noted as over the cap as ``run`` splits it: by its compressed size
+    when compression is asked for (``compressed``), else by its size.
+    """
     print("window\trows\tbytes\tcompressed bytes\tnote")
     totals = [0, 0, 0]
     for window, estimate in planned:
@@ -310,7 +316,7 @@ def print_estimates(
         for index, value in enumerate(values):
             totals[index] += value or 0
 
-        over = estimate is not None and estimate.size(compressed=True) > cap_bytes
+        over = estimate is not None and estimate.size(compressed=compressed) > cap_bytes
         note = "over the safety cap: split before download" if over else ""
         shown = "\t".join("?" if v is None else str(v) for v in values)
         print(f"{window.key}\t{shown}\t{note}")

@@ -6,6 +6,7 @@ problem is a ``UsageError`` naming the file, the key or the flag, and what is al
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -13,18 +14,25 @@ import logging
 import math
 import re
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator import sfmc
-from orchestrator.configfile import suggest
+from orchestrator.configfile import LoadedConfig, suggest
 from orchestrator.errors import UsageError
 from orchestrator.planner import MAX_SPAN, MIN_SPAN
 from orchestrator.timeparse import load_zone, parse_duration, parse_time
 
 MAX_CONCURRENCY = 64
+_START_KEYS = frozenset({"start", "last"})  # a flag giving one overrides both
+# How an error names a value of these keys (by default, by the key itself).
+_ERROR_NAMES = {
+    "columns": "column",
+    "statuses": "status",
+    "activity_types": "activity-type",
+}
 FLUSH_MB = 64  # MB appended to the output between two flushes to disk
 FLUSH_BYTES = FLUSH_MB * 1_000_000
 MIN_FLUSH_MB = 0.001
@@ -181,7 +189,13 @@ def build_settings(
     now: dt.datetime,
 ) -> RunSettings:
     """Merge flags (``options``, None where not given) over the config file."""
-    merged = _merge(options, config)
+    with _naming_the_config_key(options, config):
+        return _build_settings(_merge(options, config), config, now)
+
+
+def _build_settings(
+    merged: Mapping[str, Any], config: Mapping[str, Mapping[str, Any]], now: dt.datetime
+) -> RunSettings:
     request = _build_request(merged)
     start, end = _build_range(merged, now)
     output = merged.get("output")
@@ -220,19 +234,59 @@ def build_settings(
 def _merge(
     options: Mapping[str, Any], config: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for section in ("export", "filters"):
-        merged.update(config.get(section, {}))
-
+    merged = {
+        key: config[section][key]
+        for key, section in _from_file(options, config).items()
+        if section in ("export", "filters")
+    }
     merged.update({key: value for key, value in options.items() if value is not None})
     return merged
+
+
+def _from_file(
+    options: Mapping[str, Any], config: Mapping[str, Mapping[str, Any]]
+) -> dict[str, str]:
+    """Each key the config file sets and no flag overrides, with its section.
+
+    A flag giving the start (``--start`` or ``--last``) overrides both start keys.
+    """
+    given = {key for key, value in options.items() if value is not None}
+    if given & _START_KEYS:
+        given |= _START_KEYS
+
+    return {
+        key: section
+        for section in ("export", "filters", "retry", "http")
+        for key in config.get(section, {})
+        if key not in given
+    }
+
+
+@contextlib.contextmanager
+def _naming_the_config_key(
+    options: Mapping[str, Any], config: Mapping[str, Mapping[str, Any]]
+) -> Iterator[None]:
+    """Add to a bad value's error where the config file set it, if it did."""
+    try:
+        yield
+    except UsageError as error:
+        source = config.source if isinstance(config, LoadedConfig) else None
+        for key, section in _from_file(options, config).items():
+            named = _ERROR_NAMES.get(key, key)
+            if source and str(error).startswith((f"{named} ", f"{named}:")):
+                raise UsageError(
+                    f"{error} (config {source}: {section}.{key})"
+                ) from None
+
+        raise
 
 
 def build_request(
     options: Mapping[str, Any], config: Mapping[str, Mapping[str, Any]]
 ) -> ExportRequest:
     """The request alone (format, columns, filters), checked as build_settings does."""
-    return _build_request(_merge(options, config))
+    with _naming_the_config_key(options, config):
+        return _build_request(_merge(options, config))
 
 
 def _build_request(merged: Mapping[str, Any]) -> ExportRequest:
@@ -252,7 +306,8 @@ def _build_request(merged: Mapping[str, Any]) -> ExportRequest:
     for name, body_key in sfmc.FILTER_KEYS.items():
         given = merged.get(name)
         values = _split_list(given or [])
-        if given is not None and name != "contact_keys" and not values:
+        named_nothing = given is not None and given != [] and not values
+        if named_nothing and name != "contact_keys":  # [] in a config: no filter
             raise UsageError(
                 f"{name}: the value given names nothing; drop it or name one"
             )

@@ -62,10 +62,17 @@ CONFIG_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 
-def load_config(path: Path | None) -> dict[str, dict[str, Any]]:
+class LoadedConfig(dict[str, dict[str, Any]]):
+    """A config's sections, and the file they were read from (to name in errors)."""
+
+    source: Path | None = None
+
+
+def load_config(path: Path | None) -> LoadedConfig:
     """Read and check a TOML config; an absent path gives an empty config."""
+    config = LoadedConfig()
     if path is None:
-        return {}
+        return config
 
     try:
         with path.open("rb") as stream:
@@ -78,7 +85,9 @@ def load_config(path: Path | None) -> dict[str, dict[str, Any]]:
         raise UsageError(f"config {path}: not UTF-8 text; save it as UTF-8") from None
 
     _check_config(path, data)
-    return data
+    config.update(data)
+    config.source = path
+    return config
 
 
 def _check_config(path: Path, data: Mapping[str, Any]) -> None:

@@ -270,12 +270,14 @@ def _check_same_request(
     if differing == {"range_as_given"}:
         return  # the same range, written another way
 
-    if differing <= {"start", "end"} and not manifest.complete:
+    provisional = any(record.provisional for record in manifest.windows)
+    if differing <= {"start", "end"} and (provisional or not manifest.complete):
         logger.info(
-            "resuming the unfinished export of %s to %s: the same command, whose "
+            "going on with the export of %s to %s (%s): the same command, whose "
             "relative times now mean another range",
             manifest.request["start"],
             manifest.request["end"],
+            "its provisional windows" if manifest.complete else "unfinished",
         )
         return
 

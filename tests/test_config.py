@@ -127,6 +127,71 @@ def test_flags_override_config(tmp_path: Path) -> None:
     assert built.output == Path("a.csv")
 
 
+@pytest.mark.parametrize(
+    ("in_file", "flags"),
+    [
+        ('last = "6h"', {"start": "2026-11-19"}),
+        ('start = "2026-11-19"', {"last": "2h"}),
+    ],
+)
+def test_a_flag_giving_the_start_overrides_either_start_key(
+    tmp_path: Path, in_file: str, flags: dict[str, str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[export]\n{in_file}\nend = "2026-11-20"\noutput = "a.csv"\n')
+    built = build_settings(flags, load_config(path), now=NOW)
+
+    expected = NOW.replace(day=19, hour=0, minute=0, second=0)
+    if "last" in flags:
+        expected = NOW.replace(day=19, hour=22, minute=0, second=0)
+    assert built.start == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ("concurrency = 100", "export.concurrency", "concurrency 100 is out of range"),
+        ('window = "2d"', "export.window", "window '2d' is out of range"),
+        ('format = "xml"', "export.format", "format 'xml' is not allowed"),
+        ("statuses = ['Active', 'Nope']", "filters.statuses", "status 'Nope' is not"),
+        ("columns = ['Nope']", "export.columns", "column 'Nope' is not"),
+    ],
+)
+def test_a_bad_value_in_the_config_names_its_file_and_key(
+    tmp_path: Path, line: str, key: str, problem: str
+) -> None:
+    section = "filters" if key.startswith("filters") else "export"
+    path = tmp_path / "c.toml"
+    path.write_text(f"[{section}]\n{line}\n")
+    flags = {"start": "2026-11-19", "end": "2026-11-20", "output": "a.csv"}
+
+    with pytest.raises(UsageError) as caught:
+        build_settings(flags, load_config(path), now=NOW)
+
+    message = str(caught.value)
+    assert problem in message
+    assert message.endswith(f"(config {path}: {key})")
+
+
+def test_the_same_bad_value_from_a_flag_names_no_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[export]\nconcurrency = 100\n")
+    flags = {"start": "2026-11-19", "end": "2026-11-20", "output": "a.csv"}
+
+    with pytest.raises(UsageError) as caught:
+        build_settings({**flags, "concurrency": 99}, load_config(path), now=NOW)
+
+    assert str(caught.value) == "concurrency 99 is out of range: use 1 to 64"
+
+
+def test_the_example_config_is_accepted() -> None:
+    example = Path(__file__).parent.parent / "config" / "example.toml"
+    built = build_settings({}, load_config(example), now=NOW)
+
+    assert built.request.filters == ()
+    assert built.end - built.start == dt.timedelta(days=1)
+
+
 def test_credentials_need_all_three_variables() -> None:
     with pytest.raises(UsageError, match="SFMC_CLIENT_SECRET, SFMC_AUTH_URL not set"):
         credentials_from_env({"SFMC_CLIENT_ID": "x"})

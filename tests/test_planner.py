@@ -3,6 +3,10 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 
+import pytest
+
+from orchestrator.commands import print_estimates
+from orchestrator.download import Estimate
 from orchestrator.planner import Window, plan_windows
 
 UTC = dt.UTC
@@ -60,3 +64,15 @@ def test_halves_of_an_odd_span_round_to_the_second() -> None:
 
 def test_key_names_both_ends_in_utc() -> None:
     assert Window(at(5), at(6)).key == "2026-11-03T05:00:00Z/2026-11-03T06:00:00Z"
+
+
+@pytest.mark.parametrize(("compressed", "noted"), [(True, False), (False, True)])
+def test_plan_notes_a_window_over_the_cap_by_the_size_run_splits_it_by(
+    capsys: pytest.CaptureFixture[str], compressed: bool, noted: bool
+) -> None:
+    window = Window(at(5), at(6))
+    estimate = Estimate(rows=10_000, bytes=3_737_204, compressed_bytes=400_000)
+
+    print_estimates([(window, estimate)], 1_000_000, compressed=compressed)
+
+    assert ("over the safety cap" in capsys.readouterr().out) == noted
