@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import PermanentError, RetryableError
+from orchestrator.errors import PermanentError, TooLargeError
 
 BOM = b"\xef\xbb\xbf"
 MAX_HEADER_BYTES = 64 * 1024
@@ -187,11 +187,13 @@ class PartWriter:
 
         self._head = None
         if self._counter.in_quotes:
-            raise RetryableError(
-                "the body ends inside a quoted field: it was cut short"
+            raise TooLargeError(
+                "the body ends inside a quoted field: the server cut it short, as "
+                "at a size limit"
             )
 
         if self._size and self._last != b"\n":
+            self._check_last_row()
             self.write((self._newline or "\n").encode())
 
         self._file.flush()
@@ -209,6 +211,23 @@ class PartWriter:
         """Close and delete the unfinished part."""
         self._file.close()
         self.path.unlink(missing_ok=True)
+
+    def _check_last_row(self) -> None:
+        """Refuse a body whose unfinished last row lacks fields: a server that cuts
+        the stream at a size limit, framing complete, leaves one."""
+        if not self._columns:
+            return
+
+        self._file.flush()
+        row = last_row(self.path)
+        text = row.decode("utf-8", errors="replace").rstrip("\r")
+        fields = next(csv.reader([text], delimiter=self._delimiter), [])
+        if len(fields) < len(self._columns):
+            raise TooLargeError(
+                f"the body ends inside its last row ({len(fields)} of "
+                f"{len(self._columns)} fields): the server cut it short, as at a "
+                "size limit"
+            )
 
     def _take_header(self, data: bytes) -> bytes:
         assert self._head is not None
@@ -246,6 +265,21 @@ class PartWriter:
         seam = self._tail + data[:keep]  # a stamp across pieces, however small
         self.boundary_seen = self._boundary in seam or self._boundary in data
         self._tail = (self._tail + data)[-keep:] if len(data) < keep else data[-keep:]
+
+
+def last_row(path: Path, *, most: int = 1024 * 1024) -> bytes:
+    """The file's last row (not ended by a newline), quoted line breaks included;
+    only its last ``most`` bytes if it is longer."""
+    with path.open("rb") as stream:
+        size = stream.seek(0, os.SEEK_END)
+        stream.seek(max(0, size - most))
+        tail = stream.read()
+
+    start = len(tail)
+    while True:  # back over newlines until the quotes after one are balanced
+        start = tail.rfind(b"\n", 0, start)
+        if start < 0 or tail.count(b'"', start + 1) % 2 == 0:
+            return tail[start + 1 :]
 
 
 def iter_rows(path: Path) -> Iterator[bytes]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import PermanentError, RetryableError
+from orchestrator.errors import PermanentError, TooLargeError
 from orchestrator.parts import (
     PartWriter,
     RowCounter,
@@ -84,9 +84,32 @@ def test_wrong_header_is_a_permanent_error(tmp_path: Path) -> None:
         write(tmp_path / "p", [b"Other,Columns\nx,y\n"])
 
 
-def test_body_ending_inside_quotes_is_retryable(tmp_path: Path) -> None:
-    with pytest.raises(RetryableError, match="inside a quoted field"):
+# Complete framing around a body cut short means the server ended it there (as a
+# size limit would): asking again gets the same cut, so the window is split.
+def test_body_ending_inside_quotes_is_cut_by_the_server(tmp_path: Path) -> None:
+    with pytest.raises(TooLargeError, match="inside a quoted field"):
         write(tmp_path / "p", [COLUMNS_LINE + b'a,b,"unfinished\n'])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"a,b,c\nd,e", b'a,b,c\nd,"e\nf",g\nh', b"d,e", b'd,"e,\n"'],
+)
+def test_a_last_row_missing_fields_is_cut_by_the_server(
+    tmp_path: Path, body: bytes
+) -> None:
+    with pytest.raises(TooLargeError, match=r"inside its last row \((1|2) of 3"):
+        write(tmp_path / "p", [COLUMNS_LINE + body])
+
+
+@pytest.mark.parametrize("body", [b"a,b,c\nd,e,f", b'a,b,c\nd,"e\nf",g'])
+def test_a_last_row_with_every_field_but_no_newline_is_kept(
+    tmp_path: Path, body: bytes
+) -> None:
+    written, rows = write(tmp_path / "p", [COLUMNS_LINE + body])
+
+    assert rows == 2
+    assert written == body + b"\n"
 
 
 def test_part_is_private_and_checksummed(tmp_path: Path) -> None:

@@ -166,6 +166,24 @@ async def test_retained_only_exports_what_is_left(tmp_path: Path) -> None:
     assert result.windows < 2 * 24
 
 
+async def test_a_body_cut_below_our_cap_is_caught_by_its_unfinished_last_row(
+    tmp_path: Path,
+) -> None:
+    settings = SandboxSettings(rows_per_hour=200, cap_bytes=6_000, cap_behaviour="cut")
+    async with SandboxServer(settings) as sandbox:
+        start = busy_start(sandbox)
+        end = start + 3 * HOUR
+        output = tmp_path / "o.csv"
+        result = await export(
+            sandbox, output, start, end, estimate=False, compression="none"
+        )
+
+    manifest = Manifest.load(ExportPaths(output).manifest)
+    assert result.complete
+    assert len(manifest.windows) > 3  # split, as for a cut at our own cap
+    assert output.read_bytes() == expected_output(sandbox.history, start, end)
+
+
 async def test_recent_windows_are_provisional_and_requested_again(
     tmp_path: Path,
 ) -> None:
