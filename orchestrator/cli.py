@@ -26,6 +26,10 @@ EPILOG = (
     "2 bad usage or input, 3 credentials rejected, 4 output locked by another run, "
     "5 time budget spent (rerun to go on), 130 interrupted (rerun to go on)"
 )
+logger = logging.getLogger(__name__)
+SHORT_EPILOG = (
+    "exit codes: 0 done, 2 bad usage or input, 3 credentials rejected (plan --estimate)"
+)
 _TIME_FLAGS = frozenset({"--start", "--end", "--last", "--window", "--max-duration"})
 
 
@@ -47,7 +51,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
     except BaseException as error:
-        return _exit_code_for(error)
+        code, line = _exit_code_for(error)
+        if line:
+            _tell_the_end(args, line, code)
+
+        return code
+
+
+def _tell_the_end(args: argparse.Namespace, line: str, code: int) -> None:
+    """The last line on stderr: plain, or a JSON object under --log-format json."""
+    if args.log_format == "json":
+        logger.error("%s", line, extra={"event": "exit", "exit_code": code})
+    else:
+        print(line, file=sys.stderr)
 
 
 def _join_relative_times(argv: Sequence[str]) -> list[str]:
@@ -63,26 +79,23 @@ def _join_relative_times(argv: Sequence[str]) -> list[str]:
     return joined
 
 
-def _exit_code_for(error: BaseException) -> int:
+def _exit_code_for(error: BaseException) -> tuple[int, str | None]:
+    """The exit code for what ended the command, and the line that says why."""
     found = _first_known(error)
     if isinstance(found, JourneyExportError):
-        print(f"journey-export: error: {found}", file=sys.stderr)
-        return int(found.exit_code)
+        return int(found.exit_code), f"journey-export: error: {found}"
 
     if isinstance(found, KeyboardInterrupt):
-        print(INTERRUPTED_LINE, file=sys.stderr)
-        return int(ExitCode.INTERRUPTED)
+        return int(ExitCode.INTERRUPTED), INTERRUPTED_LINE
 
     if isinstance(found, BrokenPipeError):
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the reader went away
-        return int(ExitCode.OK)
+        return int(ExitCode.OK), None
 
     if isinstance(found, OSError):
         where = f": {found.filename}" if found.filename else ""
-        print(
-            f"journey-export: error: {found.strerror or found}{where}", file=sys.stderr
-        )
-        return int(ExitCode.WINDOWS_FAILED)
+        line = f"journey-export: error: {found.strerror or found}{where}"
+        return int(ExitCode.WINDOWS_FAILED), line
 
     raise error
 
@@ -162,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
     run.set_defaults(handler=commands.command_run)
 
-    plan = subcommands.add_parser("plan", help="print the windows a run would request")
+    plan = subcommands.add_parser(
+        "plan", help="print the windows a run would request", epilog=SHORT_EPILOG
+    )
     _add_request_arguments(plan)
     plan.add_argument(
         "--estimate",
@@ -172,12 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.set_defaults(handler=commands.command_plan)
 
-    status = subcommands.add_parser("status", help="print each window's state")
+    status = subcommands.add_parser(
+        "status", help="print each window's state", epilog=SHORT_EPILOG
+    )
     status.add_argument("--output", required=True, type=Path, help="the export's file")
     status.set_defaults(handler=commands.command_status)
 
     values = subcommands.add_parser("values", help="list documented names and values")
-    values.add_argument("kind", choices=["column", "status", "activity-type"])
+    values.add_argument(
+        "kind",
+        choices=["column", "status", "activity-type"],
+        help="which list: the columns, the statuses or the activity types",
+    )
     values.set_defaults(handler=commands.command_values)
 
     add_sandbox_commands(subcommands)

@@ -51,8 +51,18 @@ def add_commands(commands: Any) -> None:
     demo = commands.add_parser(
         "demo", help=f"export the last {DEMO_HOURS} hours from an in-process sandbox"
     )
-    demo.add_argument("--output", type=Path, default=DEMO_OUTPUT)
-    demo.add_argument("--hours", type=int, default=DEMO_HOURS)
+    demo.add_argument(
+        "--output",
+        type=Path,
+        default=DEMO_OUTPUT,
+        help=f"the file to write (default {DEMO_OUTPUT})",
+    )
+    demo.add_argument(
+        "--hours",
+        type=int,
+        default=DEMO_HOURS,
+        help=f"how many hours before now to export, 1 to 696 (default {DEMO_HOURS})",
+    )
     demo.set_defaults(handler=command_demo)
 
 
@@ -106,16 +116,20 @@ def command_sandbox(args: argparse.Namespace) -> int:
         raise UsageError(f"--port {args.port} is out of range: use 1 to 65535")
 
     settings = _settings(sandbox_options(args))
-    print(
-        f"sandbox on http://127.0.0.1:{args.port} (Ctrl-C to stop); export with:\n"
-        f"  SFMC_AUTH_URL=http://127.0.0.1:{args.port} "
-        f"SFMC_CLIENT_ID={settings.client_id} SFMC_CLIENT_SECRET=<sandbox secret> "
-        "journey-export run ...",
-        flush=True,
-    )
+
+    def tell_how_to_export(server: Any) -> None:  # once it listens
+        print(
+            f"sandbox on {server.auth_url} (Ctrl-C to stop); export with:\n"
+            f"  SFMC_AUTH_URL={server.auth_url} SFMC_CLIENT_ID={settings.client_id} "
+            "SFMC_CLIENT_SECRET=<sandbox secret> journey-export run ...",
+            flush=True,
+        )
+
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            anyio.run(lambda: serve(settings, port=args.port))
+            anyio.run(
+                lambda: serve(settings, port=args.port, on_ready=tell_how_to_export)
+            )
     except OSError as error:
         raise UsageError(
             f"cannot serve on 127.0.0.1:{args.port} ({error.strerror}); "

@@ -181,6 +181,9 @@ def check_retention(
         )
 
     gone = [r for r in reaching if r.window.end <= cutoff]
+    if not gone:  # already left out, or only part of one window's span is gone
+        return
+
     for record in gone:
         manifest.windows.remove(record)
 

@@ -38,7 +38,7 @@ from orchestrator.merger import (
     OutputChangedError,
     PartChangedError,
 )
-from orchestrator.parts import PartInfo
+from orchestrator.parts import PRIVATE_DIR, PartInfo
 from orchestrator.pool import PoolEvents, WindowPool
 from orchestrator.reporting import Progress
 from orchestrator.retry import AdaptiveLimiter, RetryPolicy, Sleep, ThrottleGate
@@ -124,7 +124,7 @@ class ExportJob:
         if not self.todo():
             return
 
-        self.paths.parts.mkdir(parents=True, exist_ok=True)
+        self.paths.parts.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
 
         async with open_session(self.settings, self.hooks.ssl_context) as session:
             tokens = TokenSource(

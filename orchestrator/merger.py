@@ -37,6 +37,7 @@ from orchestrator.manifest import (
     WindowRecord,
 )
 from orchestrator.parts import (
+    PRIVATE_DIR,
     FileIdentity,
     fsync_directory,
     open_private,
@@ -102,7 +103,7 @@ class Assembler:
 
     def reconcile(self) -> None:
         """Bring files and manifest into agreement after a stop at any moment."""
-        self.paths.parts.mkdir(parents=True, exist_ok=True)
+        self.paths.parts.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         # *.tmp: a download cut short; *.tmp.kept: a boundary pass cut short.
         for leftover in self.paths.parts.glob("*.tmp*"):
             leftover.unlink()
@@ -178,7 +179,7 @@ class Assembler:
         if not reopen:
             return 0
 
-        self.paths.parts.mkdir(parents=True, exist_ok=True)
+        self.paths.parts.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         source = self.paths.output if self.manifest.complete else self.paths.partial
 
         offsets = [

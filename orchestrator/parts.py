@@ -26,6 +26,7 @@ BOM = b"\xef\xbb\xbf"
 MAX_HEADER_BYTES = 64 * 1024
 STORE_BYTES = 1024 * 1024  # handed to a worker thread at a time
 PRIVATE = 0o600
+PRIVATE_DIR = 0o700
 NOT_MARKS = bytes(set(range(256)) - set(b'"\n'))
 
 

@@ -30,7 +30,10 @@ def parse_duration(text: str, *, name: str = "duration") -> dt.timedelta:
     """Parse ``90s``, ``30m``, ``1h`` or ``2d``."""
     match = _DURATION.match(text)
     if match is None:
-        raise UsageError(f"{name} {text!r} is not a duration: write 90s, 30m, 1h or 2d")
+        raise UsageError(
+            f"{name} {text!r} is not a duration: write a number and s, m, h or d "
+            "(90s, 30m, 1h)"
+        )
 
     seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if seconds > MAX_SECONDS:

@@ -293,3 +293,18 @@ def test_redo_of_a_range_outside_the_export_is_refused(
     )  # fmt: skip
     assert done.returncode == 2
     assert "names no window" in done.stderr
+
+
+def test_a_sandbox_on_a_taken_port_says_only_that() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = journey_export("sandbox", "--port", str(port))
+
+    assert done.returncode == 2
+    assert done.stdout == ""  # no "sandbox on ..." for a sandbox that never served
+    assert done.stderr.startswith(
+        f"journey-export: error: cannot serve on 127.0.0.1:{port}"
+    )
+    assert done.stderr.count("\n") == 1

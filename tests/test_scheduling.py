@@ -457,3 +457,18 @@ def test_a_signal_during_start_up_ends_with_one_line_and_130(name: str) -> None:
     assert done.returncode == ExitCode.INTERRUPTED
     assert done.stderr == "journey-export: interrupted; rerun the same command\n"
     assert done.stdout == ""
+
+
+def test_under_json_logs_the_error_that_ends_a_run_is_json_too(
+    tmp_path: Path,
+) -> None:
+    done = journey_export(
+        "--log-format", "json", "run", "--start", "-2h", "--window", "2d",
+        "--output", str(tmp_path / "o.csv"), env={},
+    )  # fmt: skip
+
+    assert done.returncode == ExitCode.USAGE
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert events[-1]["event"] == "exit"
+    assert events[-1]["exit_code"] == ExitCode.USAGE
+    assert events[-1]["message"].startswith("journey-export: error: window '2d'")

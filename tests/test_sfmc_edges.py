@@ -152,7 +152,9 @@ async def test_a_range_past_retention_is_refused_naming_the_lost_part(
     assert not ExportPaths(tmp_path / "o.csv").manifest.exists()  # nothing left over
 
 
-async def test_retained_only_exports_what_is_left(tmp_path: Path) -> None:
+async def test_retained_only_exports_what_is_left(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
         end = hour_now() - 29 * 24 * HOUR
         start = end - 3 * 24 * HOUR
@@ -164,6 +166,8 @@ async def test_retained_only_exports_what_is_left(tmp_path: Path) -> None:
     assert result.complete
     assert result.expired >= 2 * 24 - 1
     assert result.windows < 2 * 24
+    warned = [r for r in caplog.records if "--retained-only" in r.getMessage()]
+    assert len(warned) == 1  # once, for the windows left out
 
 
 async def test_a_body_cut_below_our_cap_is_caught_by_its_unfinished_last_row(

@@ -165,8 +165,9 @@ async def serve(
     port: int = DEFAULT_PORT,
     allow_remote: bool = False,
     now_ms: int | None = None,
+    on_ready: Callable[[SandboxServer], None] | None = None,
 ) -> None:
-    """Serve the sandbox until cancelled.
+    """Serve the sandbox until cancelled; ``on_ready`` is called once it listens.
 
     Raises ValueError for a host that is not loopback unless `allow_remote`.
     """
@@ -174,6 +175,9 @@ async def serve(
         settings, host=host, port=port, now_ms=now_ms, allow_remote=allow_remote
     )
     async with server:
+        if on_ready is not None:
+            on_ready(server)
+
         logger.info(
             "sandbox serving: auth URL %s, client id %s, %d rows per hour, seed %d",
             server.auth_url,
