@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from orchestrator import __version__, commands, sfmc
 from orchestrator.demo import add_commands as add_sandbox_commands
@@ -38,6 +38,16 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        # An unset shell variable ("--contact-keys-file $KEYS") must not widen an
+        # export silently, as it would if an empty value meant "not given".
+        if action.option_strings and not arg_string.strip():
+            self.error(
+                f"{action.option_strings[0]} is empty: give a value or leave it out"
+            )
+
+        return super()._get_value(action, arg_string)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -128,6 +128,17 @@ def _check_config_value(path: Path, section: str, key: str, value: Any) -> None:
             f"not {type(value).__name__} {value!r}{hint}"
         )
 
+    if isinstance(value, str) and not value.strip():
+        raise UsageError(
+            f"config {path}: {section}.{key} is empty: give a value or remove the line"
+        )
+
+    if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+        raise UsageError(
+            f"config {path}: {section}.{key} must be a list of strings (in quotes), "
+            f"not {value!r}"
+        )
+
 
 _TOML_TYPE_NAMES = {
     str: "a string",

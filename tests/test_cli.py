@@ -308,3 +308,15 @@ def test_a_sandbox_on_a_taken_port_says_only_that() -> None:
         f"journey-export: error: cannot serve on 127.0.0.1:{port}"
     )
     assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--contact-keys-file", "--end", "--report", "--tz"])
+def test_an_empty_flag_value_is_refused_not_taken_as_unset(
+    tmp_path: Path, flag: str
+) -> None:
+    output = str(tmp_path / "o.csv")
+    done = journey_export("run", "--start", "-2h", "--output", output, flag, "")
+
+    assert done.returncode == 2
+    assert f"{flag} is empty: give a value or leave it out" in done.stderr
+    assert not list(tmp_path.iterdir())

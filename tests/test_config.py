@@ -229,3 +229,25 @@ def test_sub_millisecond_times_are_floored_to_the_millisecond() -> None:
 
     assert built.start.microsecond == 123000
     assert built.end.microsecond % 1000 == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('[filters]\ncontact_keys_file = ""', "filters.contact_keys_file is empty"),
+        ('[export]\nend = " "', "export.end is empty"),
+        (
+            "[filters]\ndefinition_ids = [[1]]",
+            "filters.definition_ids must be a list of",
+        ),
+        ("[export]\ncolumns = [1, 2]", "export.columns must be a list of strings"),
+    ],
+)
+def test_an_empty_value_or_a_list_of_non_strings_is_refused(
+    tmp_path: Path, line: str, problem: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(line + "\n")
+
+    with pytest.raises(UsageError, match=f"config {path}: {problem}"):
+        load_config(path)
