@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -65,12 +66,62 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class WrittenPathError(UsageError):
+    """A path the run would write (report, metrics, state) that it must not or
+    cannot write: refused before anything is requested, and no report written."""
+
+
 def command_run(args: argparse.Namespace) -> int:
     try:
         return _command_run(args)
+    except WrittenPathError:
+        raise
     except JourneyExportError as error:
         _report_failure(args, error)
         raise
+
+
+def check_report_paths(
+    args: argparse.Namespace, output: Path | None, inputs: list[Any]
+) -> None:
+    """Before anything is requested: refuse a report or metrics path that is the
+    output, one of its state files or an input, or that cannot be written."""
+    taken = {Path(path).resolve(): "an input file" for path in inputs if path}
+    if output is not None:
+        paths = ExportPaths(output)
+        for path in (output, paths.manifest, paths.partial, paths.lock):
+            taken[path.resolve()] = f"{output}'s own file"
+
+    for flag, path in (("--report", args.report), ("--prometheus", args.prometheus)):
+        if path is None:
+            continue
+
+        where = path.resolve()
+        if where in taken or _in_parts(where, output):
+            raise WrittenPathError(
+                f"{flag} {path} is {taken.get(where, 'inside the export')}: name a "
+                "file of its own"
+            )
+
+        _check_writable(flag, path)
+
+
+def _in_parts(where: Path, output: Path | None) -> bool:
+    """Whether ``where`` is inside the output's parts folder."""
+    return output is not None and ExportPaths(output).parts.resolve() in where.parents
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    if path.is_dir():
+        raise WrittenPathError(f"{flag} {path} is a folder: name a file")
+
+    folder = next(
+        p for p in (path.parent.resolve(), *path.parent.resolve().parents) if p.exists()
+    )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise WrittenPathError(
+            f"{flag} {path}: cannot write in {folder}; choose a folder you can write to"
+        )
 
 
 def _report_failure(args: argparse.Namespace, error: JourneyExportError) -> None:
@@ -106,8 +157,27 @@ def _command_run(args: argparse.Namespace) -> int:
         return _run_since_last(args, options, config, credentials)
 
     settings = build_settings(options, config, now=_now())
+    check_report_paths(args, settings.output, _inputs(args, options, config))
     credentials = load_credentials(os.environ, config, args.config)
     return _finish(args, _run(args, settings, credentials))
+
+
+def _inputs(
+    args: argparse.Namespace, options: dict[str, Any], config: dict[str, Any]
+) -> list[Any]:
+    """The files a run reads, which it must never write over."""
+    credentials_file = config.get("credentials", {}).get("file")
+    if credentials_file and args.config:
+        credentials_file = args.config.parent / credentials_file
+
+    merged = {**config.get("export", {}), **config.get("filters", {}), **options}
+    return [
+        args.config,
+        credentials_file,
+        merged.get("contact_keys_file"),
+        merged.get("ca_bundle") or config.get("http", {}).get("ca_bundle"),
+        merged.get("state_file"),
+    ]
 
 
 def _run(
@@ -140,11 +210,16 @@ def _run_since_last(
             "--output instead of --since-last"
         )
 
+    check_report_paths(args, None, _inputs(args, options, config))
+    if args.state_file:
+        _check_writable("--state-file", Path(args.state_file))
+
     plan = plan_since_last(options, config, credentials, now=_now())
     if plan.options is None:
         return _finish(args, nothing_new(plan.start))
 
     settings = build_settings(plan.options, config, now=_now())
+    check_report_paths(args, settings.output, _inputs(args, options, config))
     result = _run(args, settings, credentials)
     if result.complete:
         record_end(plan.state, plan.key, end=result.end, output=result.output)

@@ -26,6 +26,7 @@ from orchestrator.planner import MAX_SPAN, MIN_SPAN
 from orchestrator.timeparse import load_zone, parse_duration, parse_time
 
 MAX_CONCURRENCY = 64
+STATE_SUFFIXES = (".manifest.json", ".partial", ".lock")  # beside every output
 _START_KEYS = frozenset({"start", "last"})  # a flag giving one overrides both
 # How an error names a value of these keys (by default, by the key itself).
 _ERROR_NAMES = {
@@ -446,6 +447,14 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
         raise UsageError(
             f"output {rendered!r} is refused: --output must name a file, without "
             "'..' parts"
+        )
+
+    if path.name.endswith(STATE_SUFFIXES) or any(
+        part.endswith(".parts") for part in path.parent.parts
+    ):
+        raise UsageError(
+            f"output {rendered!r} is named like an export's own state (a name ending "
+            f"in {', '.join(STATE_SUFFIXES)}, or in a .parts folder): name it plainly"
         )
 
     return path

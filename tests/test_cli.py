@@ -320,3 +320,38 @@ def test_an_empty_flag_value_is_refused_not_taken_as_unset(
     assert done.returncode == 2
     assert f"{flag} is empty: give a value or leave it out" in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("target", ["o.csv", "o.csv.manifest.json", "keys.txt"])
+def test_a_report_over_the_output_its_state_or_an_input_is_refused(
+    tmp_path: Path, sandbox_port: int, target: str
+) -> None:
+    end = hour_now() - 2 * HOUR
+    output = tmp_path / "o.csv"
+    env = env_for(sandbox_port)
+    assert journey_export("run", *range_args(2, output, end), env=env).returncode == 0
+    (tmp_path / "keys.txt").write_text("0035eIxWuV6UIUbqOD\n")
+    before = {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+
+    for flag in ("--report", "--prometheus"):
+        done = journey_export(
+            "run", *range_args(2, output, end), flag, str(tmp_path / target),
+            "--contact-keys-file", str(tmp_path / "keys.txt"), env=env,
+        )  # fmt: skip
+
+        assert done.returncode == 2
+        assert f"{flag} {tmp_path / target} is " in done.stderr
+        after = {
+            path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()
+        }
+        assert after == before
+
+
+@pytest.mark.parametrize("name", ["a.csv.partial", "a.csv.lock", "a.csv.manifest.json"])
+def test_an_output_named_like_another_exports_state_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    done = journey_export("run", "--start", "-2h", "--output", str(tmp_path / name))
+
+    assert done.returncode == 2
+    assert "is named like an export's own state" in done.stderr
