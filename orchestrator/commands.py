@@ -115,9 +115,11 @@ def _check_writable(flag: str, path: Path) -> None:
     if path.is_dir():
         raise WrittenPathError(f"{flag} {path} is a folder: name a file")
 
-    folder = next(
-        p for p in (path.parent.resolve(), *path.parent.resolve().parents) if p.exists()
-    )
+    parent = path.parent.resolve()
+    folder = next(p for p in (parent, *parent.parents) if p.exists())
+    if not folder.is_dir():
+        raise WrittenPathError(f"{flag} {path}: {folder} is a file, not a folder")
+
     if not os.access(folder, os.W_OK | os.X_OK):
         raise WrittenPathError(
             f"{flag} {path}: cannot write in {folder}; choose a folder you can write to"

@@ -378,6 +378,12 @@ def _build_range(
             f"end {end.isoformat()} is not after start {start.isoformat()}"
         )
 
+    if end > now:
+        raise UsageError(
+            f"end {end.isoformat()} is in the future (now is "
+            f"{now.isoformat(timespec='seconds')}): leave --end out to export up to now"
+        )
+
     return start, end
 
 

@@ -50,7 +50,17 @@ def parse_time(
     Dates, ``today`` and ``yesterday`` are midnight in ``zone`` (UTC unless asked),
     so a local day across a daylight-saving change is 23 or 25 hours long.
     """
-    value = text.strip()
+    try:
+        return _parse_time(text.strip(), text, now=now, name=name, zone=zone)
+    except OverflowError:
+        raise UsageError(
+            f"{name} {text!r} is out of range: give a time within SFMC's retention"
+        ) from None
+
+
+def _parse_time(
+    value: str, text: str, *, now: dt.datetime, name: str, zone: dt.tzinfo
+) -> dt.datetime:
     relative = _parse_relative(value, now, zone)
     if relative is not None:
         return relative

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,23 @@ def test_an_empty_value_or_a_list_of_non_strings_is_refused(
 
     with pytest.raises(UsageError, match=f"config {path}: {problem}"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "problem"),
+    [
+        ("2026-11-20", "2026-11-21", "end 2026-11-21T00:00:00+00:00 is in the future"),
+        ("2999-01-01", "2999-01-02", "is in the future"),
+        (
+            "0001-01-01T00:00+05:00",
+            "2026-11-20",
+            "start '0001-01-01T00:00+05:00' is out",
+        ),
+        ("2026-11-20", "9999-12-31T20:00-05:00", "end '9999-12-31T20:00-05:00' is out"),
+    ],
+)
+def test_an_end_after_now_or_a_time_out_of_range_is_refused(
+    start: str, end: str, problem: str
+) -> None:
+    with pytest.raises(UsageError, match=re.escape(problem)):
+        settings(start=start, end=end)
