@@ -26,6 +26,7 @@ from orchestrator.planner import MAX_SPAN, MIN_SPAN
 from orchestrator.timeparse import load_zone, parse_duration, parse_time
 
 MAX_CONCURRENCY = 64
+MAX_WINDOWS = 100_000  # 30 days of 1-minute windows is 43,200
 STATE_SUFFIXES = (".manifest.json", ".partial", ".lock")  # beside every output
 _START_KEYS = frozenset({"start", "last"})  # a flag giving one overrides both
 # How an error names a value of these keys (by default, by the key itself).
@@ -210,7 +211,7 @@ def _build_settings(
         end=end,
         output=render_output(str(output), start, end),
         request=request,
-        window=_build_window(merged.get("window", "1h")),
+        window=_window_for(start, end, merged.get("window", "1h")),
         concurrency=_bounded_int(merged, "concurrency", 5, 1, MAX_CONCURRENCY),
         compression=_choice(merged, "compression", "gzip", COMPRESSIONS),
         keep_parts=bool(merged.get("keep_parts", False)),
@@ -395,6 +396,20 @@ def _build_window(text: str, *, name: str = "window") -> dt.timedelta:
     span = parse_duration(str(text), name=name)
     if not MIN_SPAN <= span <= MAX_SPAN:
         raise UsageError(f"{name} {text!r} is out of range: use 1m to 1d")
+
+    return span
+
+
+def _window_for(start: dt.datetime, end: dt.datetime, text: str) -> dt.timedelta:
+    """The window span, if it cuts the range into no more than MAX_WINDOWS."""
+    span = _build_window(text)
+    count = math.ceil((end - start) / span)
+    if count > MAX_WINDOWS:
+        raise UsageError(
+            f"window {text!r} cuts {start.isoformat()} to {end.isoformat()} into "
+            f"{count:,} windows, more than {MAX_WINDOWS:,}: shorten the range (SFMC "
+            "keeps 30 days) or widen --window"
+        )
 
     return span
 

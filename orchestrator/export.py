@@ -28,7 +28,7 @@ from orchestrator.manifest import (
     WindowRecord,
 )
 from orchestrator.merger import Assembler
-from orchestrator.planner import plan_windows
+from orchestrator.planner import Window, plan_windows
 from orchestrator.timeparse import iso, parse_time
 
 logger = logging.getLogger(__name__)
@@ -184,9 +184,14 @@ def check_retention(
     if not gone:  # already left out, or only part of one window's span is gone
         return
 
-    for record in gone:
-        manifest.windows.remove(record)
+    if len(gone) == len(manifest.windows):
+        raise UsageError(
+            f"all of {lost} is past SFMC's {sfmc.RETENTION_DAYS}-day retention: "
+            f"nothing is left to export; start at or after {iso(cutoff)}"
+        )
 
+    gone_ids = {id(record) for record in gone}
+    manifest.windows[:] = [r for r in manifest.windows if id(r) not in gone_ids]
     expired = manifest.extra.setdefault("expired", [])
     expired.extend(r.window.key for r in gone)
     logger.warning("--retained-only: %s is past retention; not exported", lost)
@@ -251,12 +256,23 @@ def _new_manifest(
     identity: dict[str, object],
     now: dt.datetime,
 ) -> Manifest:
+    if not settings.retained_only:  # refuse before planning what may be years
+        check_retention(_bare_manifest(settings, paths, identity), settings, now)
+
     windows = plan_windows(settings.start, settings.end, settings.window)
     manifest = Manifest(paths.manifest, identity, [WindowRecord(w) for w in windows])
     check_retention(manifest, settings, now)  # before anything is written
     _discard_state(paths)
     manifest.save()
     return manifest
+
+
+def _bare_manifest(
+    settings: RunSettings, paths: ExportPaths, identity: dict[str, object]
+) -> Manifest:
+    """A manifest of the range as one window: enough to check the retention."""
+    whole = Window(settings.start, settings.end)
+    return Manifest(paths.manifest, identity, [WindowRecord(whole)])
 
 
 def _check_same_request(

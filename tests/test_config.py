@@ -272,3 +272,12 @@ def test_an_end_after_now_or_a_time_out_of_range_is_refused(
 ) -> None:
     with pytest.raises(UsageError, match=re.escape(problem)):
         settings(start=start, end=end)
+
+
+def test_a_range_cut_into_too_many_windows_is_refused_before_planning() -> None:
+    with pytest.raises(UsageError, match=r"into 5,256,000 windows, more than 100,000"):
+        settings(start="2016-11-20T12:34:56Z", end="2026-11-18T12:34:56Z", window="1m")
+
+    assert (
+        settings(start="2026-10-21", end="2026-11-20", window="1m").window.seconds == 60
+    )

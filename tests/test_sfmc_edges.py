@@ -170,6 +170,20 @@ async def test_retained_only_exports_what_is_left(
     assert len(warned) == 1  # once, for the windows left out
 
 
+async def test_retained_only_refuses_a_range_wholly_past_retention(
+    tmp_path: Path,
+) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        end = hour_now() - 31 * 24 * HOUR
+        with pytest.raises(UsageError, match="nothing is left to export"):
+            await export(
+                sandbox, tmp_path / "o.csv", end - 24 * HOUR, end, retained_only=True
+            )
+        assert sum(sandbox.stats.downloads.values()) == 0
+
+    assert not (tmp_path / "o.csv").exists()
+
+
 async def test_a_body_cut_below_our_cap_is_caught_by_its_unfinished_last_row(
     tmp_path: Path,
 ) -> None:
