@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import logging
 import math
+import os
 import re
 import ssl
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ from orchestrator.planner import MAX_SPAN, MIN_SPAN
 from orchestrator.timeparse import load_zone, parse_duration, parse_time
 
 MAX_CONCURRENCY = 64
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, in bytes
 MAX_WINDOWS = 100_000  # 30 days of 1-minute windows is 43,200
 STATE_SUFFIXES = (".manifest.json", ".partial", ".lock")  # beside every output
 _START_KEYS = frozenset({"start", "last"})  # a flag giving one overrides both
@@ -400,6 +402,19 @@ def _build_window(text: str, *, name: str = "window") -> dt.timedelta:
     return span
 
 
+def _check_name_length(path: Path) -> None:
+    """Refuse a name too long for the state files beside it (NAME_MAX, PATH_MAX)."""
+    longest = max(len(suffix) for suffix in STATE_SUFFIXES)
+    name_bytes = len(os.fsencode(path.name)) + longest
+    path_bytes = len(os.fsencode(path.absolute())) + longest
+    if name_bytes > NAME_MAX or path_bytes >= PATH_MAX:
+        raise UsageError(
+            f"output name {path.name[:40]!r}... is too long: with its state files' "
+            f"suffixes a name must stay within {NAME_MAX - longest} bytes and the "
+            f"whole path within {PATH_MAX - longest - 1}; choose a shorter one"
+        )
+
+
 def _window_for(start: dt.datetime, end: dt.datetime, text: str) -> dt.timedelta:
     """The window span, if it cuts the range into no more than MAX_WINDOWS."""
     span = _build_window(text)
@@ -464,11 +479,15 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
         )
 
     path = Path(rendered)
-    if ".." in path.parts or not path.name or path.is_dir():
+    if ".." in path.parts or not path.name:
         raise UsageError(
             f"output {rendered!r} is refused: --output must name a file, without "
             "'..' parts"
         )
+
+    _check_name_length(path)
+    if path.is_dir():
+        raise UsageError(f"output {rendered!r} is a folder: name a file in it")
 
     if path.name.endswith(STATE_SUFFIXES) or any(
         part.endswith(".parts") for part in path.parent.parts

@@ -281,3 +281,14 @@ def test_a_range_cut_into_too_many_windows_is_refused_before_planning() -> None:
     assert (
         settings(start="2026-10-21", end="2026-11-20", window="1m").window.seconds == 60
     )
+
+
+def test_an_output_name_too_long_for_its_state_files_is_refused() -> None:
+    longest = "b" * (255 - len(".manifest.json") - len(".csv"))
+    assert settings(output=f"{longest}.csv").output.name == f"{longest}.csv"
+
+    with pytest.raises(UsageError, match=r"is too long: .* within 241 bytes"):
+        settings(output=f"{longest}b.csv")
+
+    with pytest.raises(UsageError, match="is too long"):
+        settings(output="/".join(["d" * 200] * 21) + "/o.csv")
