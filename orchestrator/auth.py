@@ -188,6 +188,11 @@ def check_auth_url(url: str, allowed_domains: tuple[str, ...] = (SFMC_DOMAIN,)) 
     """Refuse an auth URL that sends the secret in clear, or off Marketing Cloud."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if _bad_port(url):
+        raise UsageError(
+            f"SFMC_AUTH_URL {url!r} has no valid port (1 to 65535): fix the URL"
+        )
+
     if parts.scheme in ("http", "https") and is_loopback(host):
         return
 
@@ -201,6 +206,15 @@ def check_auth_url(url: str, allowed_domains: tuple[str, ...] = (SFMC_DOMAIN,)) 
     )
 
 
+def _bad_port(url: str) -> bool:
+    try:
+        port = urlsplit(url).port
+    except ValueError:  # not a number, or out of range
+        return True
+
+    return port == 0
+
+
 def _on_domains(host: str, domains: tuple[str, ...]) -> bool:
     return any(host == d or host.endswith("." + d) for d in domains)
 
@@ -209,6 +223,12 @@ def check_rest_url(url: str, allowed_domains: tuple[str, ...]) -> None:
     """Refuse a REST base URL that would carry the token off Marketing Cloud."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if _bad_port(url):
+        raise UsageError(
+            f"the token endpoint sent rest_instance_url {url!r}, whose port is not "
+            "1 to 65535; check SFMC_AUTH_URL and the installed package"
+        )
+
     if parts.scheme in ("http", "https") and is_loopback(host):
         return
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from orchestrator.auth import check_rest_url
+from orchestrator.auth import check_auth_url, check_rest_url
 from orchestrator.config import ExportRequest, HttpSettings, read_contact_keys
 from orchestrator.configfile import load_config
 from orchestrator.credentials import Credentials, load_credentials
@@ -325,3 +325,19 @@ async def test_an_endless_body_is_bounded_by_the_cap(tmp_path: Path) -> None:
         )
     assert not result.complete
     assert all("cannot be split further" in e for e in result.failed.values())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:99999",
+        "https://x.auth.marketingcloudapis.com:0",
+        "http://127.0.0.1:port",
+    ],
+)
+def test_a_url_with_an_impossible_port_is_refused_not_retried(url: str) -> None:
+    with pytest.raises(UsageError, match="port"):
+        check_auth_url(url)
+
+    with pytest.raises(UsageError, match="port"):
+        check_rest_url(url + "/", ("marketingcloudapis.com",))
