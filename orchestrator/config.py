@@ -230,7 +230,7 @@ def _build_settings(
         history_lag_fallback_seconds=_positive(
             merged, "history_lag_fallback_seconds", 7200.0
         ),
-        retry=_build_dataclass(RetrySettings, config.get("retry", {})),
+        retry=_build_retry(config.get("retry", {})),
         http=_build_http(merged, config.get("http", {})),
     )
 
@@ -600,11 +600,39 @@ def _check_ca_bundle(path: Path) -> None:
         ) from None
 
 
+# The most each retry and timeout setting may be: beyond these a run would wait so
+# long that it only looks hung.
+_HIGHEST = {
+    "max_attempts": 100,
+    "max_wait_seconds": 7 * 86400,
+    "backoff_initial_seconds": 3600,
+    "backoff_max_seconds": 3600,
+    "connect_timeout_seconds": 3600,
+    "read_timeout_seconds": 86400,
+}
+
+
 def _build_dataclass(kind: type[_T], values: Mapping[str, Any]) -> _T:
     known = {item.name for item in dataclasses.fields(kind)}  # type: ignore[arg-type]
     chosen = {key: value for key, value in values.items() if key in known}
     for key, value in chosen.items():
-        if not _finite_positive(value):
-            raise UsageError(f"{key} {value!r} must be a number above 0")
+        highest = _HIGHEST[key]
+        if not _finite_positive(value) or value > highest:
+            raise UsageError(
+                f"{key} {value!r} is out of range: use a number above 0, at most "
+                f"{highest:g}"
+            )
 
     return kind(**chosen)
+
+
+def _build_retry(table: Mapping[str, Any]) -> RetrySettings:
+    retry = _build_dataclass(RetrySettings, table)
+    if retry.backoff_initial_seconds > retry.backoff_max_seconds:
+        raise UsageError(
+            f"backoff_initial_seconds {retry.backoff_initial_seconds:g} is above "
+            f"backoff_max_seconds {retry.backoff_max_seconds:g}: the first wait "
+            "cannot be longer than the longest"
+        )
+
+    return retry

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ def read_state(path: Path) -> dict[str, Any]:
         state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise UsageError(
             f"state file {path} cannot be read ({error}); fix or remove it and give "
             "--start for the next run"
@@ -68,12 +69,31 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def last_end(state: Mapping[str, Any], key: str) -> dt.datetime | None:
+def last_end(state: Mapping[str, Any], key: str, *, path: Path) -> dt.datetime | None:
+    """The end recorded for ``key`` in UTC; one that is not a time raises UsageError."""
     entry = state.get(key)
     if not isinstance(entry, dict) or "end" not in entry:
         return None
 
-    return dt.datetime.fromisoformat(str(entry["end"]))
+    end = _aware_utc(entry["end"])
+    if end is None:
+        raise UsageError(
+            f"state file {path}: the end recorded for request {key} "
+            f"({reprlib.repr(entry['end'])}) is not a usable time; write it as ISO "
+            "8601 with an offset (2026-11-03T05:00:00Z), or remove the file and give "
+            "--start for the next run"
+        )
+
+    return end
+
+
+def _aware_utc(value: Any) -> dt.datetime | None:
+    """``value`` as a UTC time if it is ISO 8601 text with an offset, else None."""
+    try:
+        moment = dt.datetime.fromisoformat(value)
+        return moment.astimezone(dt.UTC) if moment.tzinfo else None
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def record_end(path: Path, key: str, *, end: str, output: str) -> None:
@@ -116,7 +136,7 @@ def plan_since_last(
     span = parse_duration(str(options.get("window") or "1h"), name="window")
     key = request_key(build_request(options, config), span)
     path = _state_file(options, config)
-    start = last_end(read_state(path), key)
+    start = last_end(read_state(path), key, path=path)
     if start is None and not options.get("start"):
         raise UsageError(
             f"--since-last: no complete export of this request is recorded in {path}; "

@@ -152,7 +152,7 @@ class Manifest:
                 raise ValueError(f"version {content['version']} is not {VERSION}")
 
             return cls._from_content(path, content)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
             raise ManifestError(
                 f"manifest {path} is damaged ({error}); rerun with --restart to start "
                 "this export over (parts already downloaded are requested again)"

@@ -292,3 +292,33 @@ def test_an_output_name_too_long_for_its_state_files_is_refused() -> None:
 
     with pytest.raises(UsageError, match="is too long"):
         settings(output="/".join(["d" * 200] * 21) + "/o.csv")
+
+
+@pytest.mark.parametrize(
+    ("lines", "problem"),
+    [
+        ("[retry]\nmax_attempts = 0", "max_attempts 0 is out of range"),
+        (
+            "[retry]\nmax_attempts = 99999999",
+            "at most 100 (config {path}: retry.max_attempts)",
+        ),
+        ("[retry]\nbackoff_initial_seconds = 1e308", "retry.backoff_initial_seconds"),
+        ("[http]\nread_timeout_seconds = 1e308", "at most 86400"),
+        (
+            "[retry]\nbackoff_initial_seconds = 60\nbackoff_max_seconds = 10",
+            "is above backoff_max_seconds 10",
+        ),
+    ],
+)
+def test_retry_and_timeout_settings_are_bounded_and_named(
+    tmp_path: Path, lines: str, problem: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(lines + "\n")
+    flags = {"start": "2026-11-19", "end": "2026-11-20", "output": "a.csv"}
+
+    with pytest.raises(UsageError) as caught:
+        build_settings(flags, load_config(path), now=NOW)
+
+    assert problem.format(path=path) in str(caught.value)
+    assert str(caught.value).endswith(")")  # names the file and key

@@ -420,3 +420,13 @@ def test_a_batch_is_flushed_while_later_windows_are_appended(tmp_path: Path) -> 
     assemble(assembler)
     assembler.publish()
     assert paths.output.read_bytes() == b"A,B\n1,x\n2,x\n3,x\n"
+
+
+def test_a_manifest_nested_too_deeply_is_damaged_with_a_way_out(
+    tmp_path: Path,
+) -> None:
+    paths = ExportPaths(tmp_path / "out.csv")
+    paths.manifest.write_text("[" * 100_000 + "\n")
+
+    with pytest.raises(ManifestError, match=r"damaged.*--restart"):
+        Manifest.load(paths.manifest)

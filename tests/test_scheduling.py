@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,9 +15,12 @@ from pathlib import Path
 import anyio
 import pytest
 
+from orchestrator import commands
+from orchestrator.cli import main
 from orchestrator.commands import Interrupted, exit_code_of, run_interruptible
-from orchestrator.config import build_settings
+from orchestrator.config import build_request, build_settings
 from orchestrator.errors import ExitCode, UsageError
+from orchestrator.incremental import request_key
 from orchestrator.job import ExportResult
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.reporting import Progress, progress_line
@@ -296,20 +301,32 @@ def test_gzip_output_is_decompressible_and_identical_after_a_redo(
 
 
 def test_since_last_survives_a_lost_state_and_a_failed_report(
-    tmp_path: Path, sandbox_port: int
+    tmp_path: Path,
+    sandbox_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     env = env_for(sandbox_port)
     template = str(tmp_path / "j_{start:%Y%m%dT%H%M}.csv")
     start = (hour_now() - 4 * HOUR).isoformat()
-    blocker = tmp_path / "afile"
-    blocker.write_text("")
 
-    first = journey_export(
-        "run", "--since-last", "--start", start, "--output", template,
-        "--prometheus", str(blocker / "x.prom"), env=env,
-    )  # fmt: skip
-    assert first.returncode == 1
-    assert "export complete" in first.stdout
+    def disk_full(path: Path, text: str, *, mode: int = 0o600) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as patched:  # the metrics fail after the export
+        for name, value in env.items():
+            patched.setenv(name, value)
+        patched.setattr(commands, "write_atomically", disk_full)
+        root = logging.getLogger()  # main() sets up logging: put it back after
+        patched.setattr(root, "handlers", list(root.handlers))
+        patched.setattr(root, "level", root.level)
+        code = main(
+            ["run", "--since-last", "--start", start, "--output", template,
+             "--prometheus", str(tmp_path / "x.prom")]
+        )  # fmt: skip
+
+    assert code == 1
+    assert "export complete" in capsys.readouterr().out
     state = tmp_path / "journey-export.state.json"
     recorded = json.loads(state.read_text())
     assert recorded  # the end was recorded before the report failed
@@ -472,3 +489,40 @@ def test_under_json_logs_the_error_that_ends_a_run_is_json_too(
     assert events[-1]["event"] == "exit"
     assert events[-1]["exit_code"] == ExitCode.USAGE
     assert events[-1]["message"].startswith("journey-export: error: window '2d'")
+
+
+@pytest.mark.parametrize(
+    "end",
+    ['"bogus"', "5", "null", '"2026-11-03T05:00:00"', '"0001-01-01T00:00:00+05:00"'],
+)
+def test_since_last_refuses_a_recorded_end_that_is_not_a_time(
+    tmp_path: Path, end: str
+) -> None:
+    state = tmp_path / "state.json"
+    key = request_key(build_request({}, {}), HOUR)
+    state.write_text(f'{{"{key}": {{"end": {end}}}}}\n')
+
+    done = journey_export(
+        "run", "--since-last", "--state-file", str(state),
+        "--output", str(tmp_path / "o.csv"), env=env_for(9),
+    )  # fmt: skip
+
+    assert done.returncode == ExitCode.USAGE
+    assert done.stderr.count("\n") == 1
+    assert f"state file {state}: the end recorded for request {key}" in done.stderr
+    assert "give --start for the next run" in done.stderr
+
+
+def test_since_last_refuses_a_state_file_nested_too_deeply(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    state.write_text("[" * 100_000 + "\n")
+
+    done = journey_export(
+        "run", "--since-last", "--state-file", str(state),
+        "--output", str(tmp_path / "o.csv"), env=env_for(9),
+    )  # fmt: skip
+
+    assert done.returncode == ExitCode.USAGE
+    assert done.stderr.count("\n") == 1
+    assert f"state file {state} cannot be read" in done.stderr
+    assert "give --start for the next run" in done.stderr
