@@ -845,3 +845,156 @@ async def test_serve_runs_until_cancelled() -> None:
 async def test_serve_refuses_hosts_that_are_not_loopback(host: str) -> None:
     with pytest.raises(ValueError, match=f"refusing to serve the sandbox on '{host}'"):
         await serve(host=host)
+
+
+def test_each_fault_item_given_apart_may_hold_several() -> None:
+    apart = parse_faults(["throttle=0.1,reset=0.1", "stall@1 stall_seconds=2"])
+
+    assert apart == parse_faults("throttle=0.1,reset=0.1 stall@1 stall_seconds=2")
+    assert apart.rates == {"throttle": 0.1, "reset": 0.1}
+    assert apart.rules == (FaultRule("stall", 1),)
+    assert apart.stall_seconds == 2.0
+
+
+def test_the_sandbox_command_takes_several_faults_after_one_fault_flag() -> None:
+    from orchestrator.cli import build_parser
+    from orchestrator.demo import sandbox_options
+
+    flags = ["sandbox", "--fault", "throttle=0.1,reset=0.1", "--fault", "stall@1"]
+    options = sandbox_options(build_parser().parse_args(flags))
+    faults = settings_from_options(options).faults
+
+    assert faults.rates == {"throttle": 0.1, "reset": 0.1}
+    assert faults.rules == (FaultRule("stall", 1),)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"faults": "stall_seconds=-1"},
+            "bad fault 'stall_seconds=-1': stall_seconds -1 is not a finite number",
+        ),
+        (
+            {"faults": ["retry_after=-5"]},
+            "bad fault 'retry_after=-5': retry_after -5 is not a finite number",
+        ),
+        (
+            {"faults": "first_byte_seconds=-0.5"},
+            "bad fault 'first_byte_seconds=-0.5': first_byte_seconds -0.5 is not a",
+        ),
+        ({"faults": "seed=-1"}, "bad fault 'seed=-1': seed -1 is not a finite"),
+        ({"faults": "stall_seconds=nan"}, "bad fault 'stall_seconds=nan': stall_"),
+        ({"faults": "first_byte_seconds=inf"}, "bad fault 'first_byte_seconds=inf'"),
+        (
+            {"faults": "retry_after=1.5"},
+            "bad fault 'retry_after=1.5': retry_after 1.5 is not a whole number",
+        ),
+        ({"faults": "seed=0.5"}, "bad fault 'seed=0.5': seed 0.5 is not a whole"),
+        (
+            {"first_byte_seconds": "-1"},
+            "sandbox option 'first_byte_seconds': expected a number >= 0, got -1",
+        ),
+        (
+            {"first_byte_seconds": "nan"},
+            "sandbox option 'first_byte_seconds': expected a finite number, got nan",
+        ),
+        (
+            {"first_byte_seconds": "inf"},
+            "sandbox option 'first_byte_seconds': expected a finite number, got inf",
+        ),
+        (
+            {"cap_bytes": "0"},
+            "sandbox option 'cap_bytes': expected a number >= 1, got 0",
+        ),
+        (
+            {"max_concurrent_downloads": 0},
+            "sandbox option 'max_concurrent_downloads': expected a number >= 1, got 0",
+        ),
+        (
+            {"bandwidth_bytes_per_second": "0"},
+            "sandbox option 'bandwidth_bytes_per_second': expected a number >= 1",
+        ),
+        (
+            {"token_lifetime_seconds": "0"},
+            "sandbox option 'token_lifetime_seconds': expected a number >= 1",
+        ),
+        (
+            {"history_lag_seconds": "-1"},
+            "sandbox option 'history_lag_seconds': expected a number >= 0",
+        ),
+        ({"cache_megabytes": "-1"}, "sandbox option 'cache_megabytes': expected a"),
+        ({"seed": "-1"}, "sandbox option 'seed': expected a number >= 0, got -1"),
+    ],
+)
+def test_settings_from_options_refuses_impossible_numbers(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(")) as caught:
+        settings_from_options(options)
+
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["retry_after_seconds", "stall_seconds", "first_byte_seconds", "seed"],
+)
+def test_fault_settings_refuse_negative_numbers(field: str) -> None:
+    changes: dict[str, Any] = {field: -1}
+    with pytest.raises(ValueError, match=f"^{field} -1 is not a finite number >= 0"):
+        FaultSettings(**changes)
+
+
+def test_settings_allow_the_least_sensible_numbers() -> None:
+    settings = settings_from_options(
+        {
+            "seed": "0",
+            "rows_per_hour": "0",
+            "history_lag_seconds": "0",
+            "cache_megabytes": "0",
+            "first_byte_seconds": "0",
+            "cap_bytes": "1",
+            "max_concurrent_downloads": "1",
+            "bandwidth_bytes_per_second": "1",
+            "token_lifetime_seconds": "1",
+            "faults": "retry_after=0,stall_seconds=0,first_byte_seconds=0,seed=0",
+        }
+    )
+
+    assert settings.cap_bytes == settings.max_concurrent_downloads == 1
+    assert settings.faults == FaultSettings(
+        retry_after_seconds=0, stall_seconds=0.0, first_byte_seconds=0.0
+    )
+
+
+async def test_updates_while_serving_refuse_impossible_numbers() -> None:
+    async with SandboxServer(SandboxSettings(), now_ms=NOW) as sandbox:
+        with pytest.raises(ValueError, match="'cap_bytes': expected a number >= 1"):
+            sandbox.update(cap_bytes=0)
+
+        with pytest.raises(ValueError, match="'first_byte_seconds': expected a fin"):
+            sandbox.update(first_byte_seconds=float("nan"))
+
+        assert sandbox.settings == SandboxSettings()
+
+
+def test_the_sandbox_command_refuses_a_negative_fault_number() -> None:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "orchestrator", "sandbox", "--port", "1"]
+    done = subprocess.run(
+        [*command, "--fault", "retry_after=-5"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert done.returncode == 2
+    assert done.stderr == (
+        "journey-export: error: sandbox: bad fault 'retry_after=-5': "
+        "retry_after -5 is not a finite number >= 0\n"
+    )
+    assert done.stdout == ""

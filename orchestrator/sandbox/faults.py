@@ -12,6 +12,7 @@ Where each kind applies:
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Iterable, Mapping
@@ -40,6 +41,8 @@ KINDS = STATUS_KINDS + BODY_KINDS + TOKEN_KINDS
 DOWNLOAD_KINDS = (*STATUS_KINDS, *BODY_KINDS, "token_revoked")
 CALL_KINDS = (*STATUS_KINDS, "token_revoked")
 NUMBERS = ("retry_after", "stall_seconds", "first_byte_seconds", "seed")
+WHOLE_NUMBERS = ("retry_after", "seed")
+FIELD_NUMBERS = ("retry_after_seconds", "stall_seconds", "first_byte_seconds", "seed")
 NOT_AUTHORIZED = {"message": "Not Authorized", "errorcode": 0, "documentation": ""}
 PLAIN_ERRORS = {
     "error500": (500, "Internal Server Error"),
@@ -73,7 +76,8 @@ class FaultSettings:
     """Which faults to inject, how often, and their timings (seconds).
 
     Rates are probabilities per request; the download kinds' rates must sum to at
-    most 1, since one draw picks at most one fault. Rules win over rates.
+    most 1, since one draw picks at most one fault. Rules win over rates. The
+    timings and the seed are finite numbers >= 0.
     """
 
     rates: Mapping[str, float] = field(default_factory=dict)
@@ -94,6 +98,9 @@ class FaultSettings:
         total = sum(self.rates.get(kind, 0.0) for kind in DOWNLOAD_KINDS)
         if total > 1.0 + 1e-9:
             raise ValueError(f"download fault rates sum to {total:g}, more than 1.0")
+
+        for name in FIELD_NUMBERS:
+            _check_number(name, getattr(self, name))
 
     @property
     def active(self) -> bool:
@@ -198,12 +205,15 @@ def parse_faults(
 ) -> FaultSettings:
     """Build FaultSettings from items such as `throttle=0.1`, `stall@1`, `seed=3`.
 
-    Items are separated by commas or spaces. `kind@N` fires on attempt N of every
+    Items are separated by commas or spaces, also within each string of an
+    iterable, so a rule's time holds neither. `kind@N` fires on attempt N of every
     window, `kind@*` on every attempt, `kind@N@2024-02-16T09:00:00Z` on attempt N of
     the window starting then. `retry_after`, `stall_seconds`, `first_byte_seconds`
-    and `seed` set numbers. Raises ValueError naming the bad item.
+    and `seed` set numbers >= 0, whole for `retry_after` and `seed`. Raises
+    ValueError naming the bad item.
     """
-    items = re.split(r"[,\s]+", spec) if isinstance(spec, str) else list(spec)
+    texts = [spec] if isinstance(spec, str) else list(spec)
+    items = [item for text in texts for item in re.split(r"[,\s]+", text)]
     settings = base or FaultSettings()
     rates = dict(settings.rates)
     rules = list(settings.rules)
@@ -256,7 +266,7 @@ def _parse_item(
         raise ValueError("expected kind=rate, kind@attempt or name=number")
 
     if name in NUMBERS:
-        numbers[name] = float(value)
+        numbers[name] = _number(name, value)
         return
 
     _check_kind(name)
@@ -277,6 +287,20 @@ def _parse_rule(item: str) -> FaultRule:
 
     start = parse_time(start_text) if start_text else None
     return FaultRule(kind, attempt, start)
+
+
+def _number(name: str, text: str) -> float:
+    number = float(text)
+    _check_number(name, number)
+    if name in WHOLE_NUMBERS and not number.is_integer():
+        raise ValueError(f"{name} {number:g} is not a whole number")
+
+    return number
+
+
+def _check_number(name: str, number: float) -> None:
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{name} {number:g} is not a finite number >= 0")
 
 
 def _check_kind(kind: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -22,6 +23,12 @@ TRUE_WORDS = frozenset(("1", "true", "yes", "on"))
 FALSE_WORDS = frozenset(("0", "false", "no", "off"))
 NONE_WORDS = frozenset(("", "none", "off", "null"))
 NEWLINES = {"lf": "\n", "crlf": "\r\n"}
+LEAST: dict[str, int] = {  # where 0 is impossible; every other number may be 0
+    "token_lifetime_seconds": 1,
+    "cap_bytes": 1,
+    "max_concurrent_downloads": 1,
+    "bandwidth_bytes_per_second": 1,
+}
 KIND_NAMES: dict[object, str] = {
     int: "an integer",
     float: "a number",
@@ -49,6 +56,9 @@ class SandboxSettings:
     cache_megabytes: memory for rendered hours; raise it for large benchmarks.
     rest_url_override: the rest_instance_url the token answer gives instead of
     the sandbox's own (to play a tampered answer).
+
+    Numbers are finite and >= 0; a token lifetime, a cap, a concurrency limit and a
+    bandwidth are >= 1 (None, where allowed, means no limit).
     """
 
     seed: int = 7
@@ -79,13 +89,9 @@ class SandboxSettings:
     def __post_init__(self) -> None:
         for name, hint in _hints().items():
             value = getattr(self, name)
-            choices = _choices(hint)
-            if choices and value not in choices:
-                raise ValueError(_bad(name, value, f"one of {', '.join(choices)}"))
-
-            numeric = isinstance(value, int | float) and not isinstance(value, bool)
-            if numeric and value < 0:
-                raise ValueError(_bad(name, value, "a number >= 0"))
+            expected = _expected(name, hint, value)
+            if expected is not None:
+                raise ValueError(_bad(name, value, expected))
 
     @property
     def line_ending(self) -> str:
@@ -117,6 +123,22 @@ def settings_from_options(options: Mapping[str, object]) -> SandboxSettings:
 def _hints() -> dict[str, object]:
     hints = typing.get_type_hints(SandboxSettings)
     return {item.name: hints[item.name] for item in dataclasses.fields(SandboxSettings)}
+
+
+def _expected(name: str, hint: object, value: object) -> str | None:
+    """What the field `name` should hold instead of `value`; None if it will do."""
+    choices = _choices(hint)
+    if choices:
+        return None if value in choices else f"one of {', '.join(choices)}"
+
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+
+    if not math.isfinite(value):
+        return "a finite number"
+
+    least = LEAST.get(name, 0)
+    return None if value >= least else f"a number >= {least}"
 
 
 def _choices(hint: object) -> tuple[str, ...]:
