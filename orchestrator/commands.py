@@ -41,6 +41,7 @@ from orchestrator.reporting import (
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+SHOWN_FAILURES = 3  # failed windows named in the summary line; status lists all
 _OPTION_NAMES = (
     *("start", "end", "last", "tz", "output", "format", "columns", "window"),
     *("concurrency", "compression", "keep_parts", "restart", "allow_unknown_values"),
@@ -345,7 +346,11 @@ def summary_line(result: ExportResult) -> str:
     if result.out_of_time and not result.failed:
         return f"export paused (time budget spent): {done}; rerun to go on"
 
-    failed = "; ".join(f"{key}: {error}" for key, error in result.failed.items())
+    shown = list(result.failed.items())[:SHOWN_FAILURES]
+    failed = "; ".join(f"{key}: {error}" for key, error in shown)
+    if len(result.failed) > SHOWN_FAILURES:
+        failed += f"; {len(result.failed) - SHOWN_FAILURES} more (see status)"
+
     reason = failed or result.error or "see the log"
     return (
         f"export incomplete: {done}; {len(result.failed)} failed ({reason}); "

@@ -178,7 +178,7 @@ class JourneyHistoryClient:
             if response.status == 204:
                 return _empty_part(path)
 
-            await _raise_for_status(response)
+            await self._raise_for_status(response)
             info, boundary_seen = await self._stream(window, response, path)
 
         if boundary_seen:
@@ -306,6 +306,23 @@ class JourneyHistoryClient:
                 return
             finally:
                 response.release()
+
+    async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
+        """As the module's, but a 413 to a request carrying contact keys is about
+        the request, not the window: splitting the window cannot help."""
+        try:
+            await _raise_for_status(response)
+        except TooLargeError as error:
+            keys = len(self._request.contact_keys)
+            if error.status != 413 or not keys:
+                raise
+
+            raise PermanentError(
+                f"{error.message}: the request itself is too large for the server "
+                f"({keys:,} contact keys in each); split the contact keys file and "
+                "export each part to a file of its own",
+                status=413,
+            ) from None
 
     def _query(self) -> dict[str, str]:
         return {

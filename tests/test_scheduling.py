@@ -17,7 +17,12 @@ import pytest
 
 from orchestrator import commands
 from orchestrator.cli import main
-from orchestrator.commands import Interrupted, exit_code_of, run_interruptible
+from orchestrator.commands import (
+    Interrupted,
+    exit_code_of,
+    run_interruptible,
+    summary_line,
+)
 from orchestrator.config import build_request, build_settings
 from orchestrator.errors import ExitCode, UsageError
 from orchestrator.incremental import request_key
@@ -526,3 +531,24 @@ def test_since_last_refuses_a_state_file_nested_too_deeply(tmp_path: Path) -> No
     assert done.stderr.count("\n") == 1
     assert f"state file {state} cannot be read" in done.stderr
     assert "give --start for the next run" in done.stderr
+
+
+def test_the_summary_names_three_failed_windows_and_counts_the_rest() -> None:
+    failed = {f"2026-11-03T{hour:02d}:00:00Z/…": "413 too large" for hour in range(12)}
+    result = ExportResult(
+        output="o.csv",
+        start="2026-11-03T00:00:00+00:00",
+        end="2026-11-03T12:00:00+00:00",
+        windows=12,
+        exported=0,
+        rows=0,
+        bytes=0,
+        seconds=1.0,
+        failed=failed,
+    )
+
+    line = summary_line(result)
+
+    assert line.count("413 too large") == 3
+    assert "12 failed" in line
+    assert "; 9 more (see status)" in line

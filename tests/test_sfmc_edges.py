@@ -202,6 +202,26 @@ async def test_a_body_cut_below_our_cap_is_caught_by_its_unfinished_last_row(
     assert output.read_bytes() == expected_output(sandbox.history, start, end)
 
 
+async def test_a_request_too_large_for_the_server_fails_without_splitting(
+    tmp_path: Path,
+) -> None:
+    keys = tuple(f"contact-{number:014d}@example.com" for number in range(40_000))
+    async with SandboxServer(SandboxSettings(rows_per_hour=30)) as sandbox:
+        start = busy_start(sandbox, hours=2)
+        result = await export(
+            sandbox,
+            tmp_path / "o.csv",
+            start,
+            start + 2 * HOUR,
+            request=ExportRequest(contact_keys=keys),  # over 1 MB in every body
+            estimate=False,
+        )
+
+    assert result.windows == 2  # not split down to --min-window
+    assert len(result.failed) == 2
+    assert all("split the contact keys file" in e for e in result.failed.values())
+
+
 async def test_recent_windows_are_provisional_and_requested_again(
     tmp_path: Path,
 ) -> None:
