@@ -346,14 +346,19 @@ def summary_line(result: ExportResult) -> str:
     if result.out_of_time and not result.failed:
         return f"export paused (time budget spent): {done}; rerun to go on"
 
+    if not result.failed:  # stopped by something else (a full disk ...)
+        return (
+            f"export incomplete: {done}; {result.error or 'see the log'}; rerun the "
+            "same command to go on"
+        )
+
     shown = list(result.failed.items())[:SHOWN_FAILURES]
     failed = "; ".join(f"{key}: {error}" for key, error in shown)
     if len(result.failed) > SHOWN_FAILURES:
         failed += f"; {len(result.failed) - SHOWN_FAILURES} more (see status)"
 
-    reason = failed or result.error or "see the log"
     return (
-        f"export incomplete: {done}; {len(result.failed)} failed ({reason}); "
+        f"export incomplete: {done}; {len(result.failed)} failed ({failed}); "
         "rerun the same command to request them again"
     )
 

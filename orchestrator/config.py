@@ -296,20 +296,21 @@ def build_request(
 def _build_request(merged: Mapping[str, Any]) -> ExportRequest:
     unknown_ok = bool(merged.get("allow_unknown_values", False))
     fmt = _choice(merged, "format", "csv", sfmc.FORMATS)
-    columns = _split_list(merged.get("columns", list(sfmc.DEFAULT_COLUMNS)))
+    columns = _split_list(merged.get("columns", list(sfmc.DEFAULT_COLUMNS)), "columns")
     columns = list(
         check_choices(columns, sfmc.COLUMNS, name="column", allow_unknown=unknown_ok)
     )
     if not columns:
         raise UsageError("columns: none given; name at least one (see 'values column')")
 
-    if len(set(columns)) != len(columns):
-        raise UsageError("columns: a column is named twice; name each once")
+    twice = sorted({column for column in columns if columns.count(column) > 1})
+    if twice:
+        raise UsageError(f"columns: {', '.join(twice)} named twice; name each once")
 
     filters: list[tuple[str, tuple[str, ...]]] = []
     for name, body_key in sfmc.FILTER_KEYS.items():
         given = merged.get(name)
-        values = _split_list(given or [])
+        values = _split_list(given or [], name)
         named_nothing = given is not None and given != [] and not values
         if named_nothing and name != "contact_keys":  # [] in a config: no filter
             raise UsageError(
@@ -345,13 +346,16 @@ def _build_request(merged: Mapping[str, Any]) -> ExportRequest:
     return ExportRequest(fmt, tuple(columns), tuple(filters), keys)
 
 
-def _split_list(value: Any) -> list[str]:
+def _split_list(value: Any, name: str) -> list[str]:
+    """Comma-separated and repeated values as one list; an empty one is refused."""
     items = value if isinstance(value, list) else [value]
-    result: list[str] = []
-    for item in items:
-        result.extend(part.strip() for part in str(item).split(",") if part.strip())
+    result = [part.strip() for item in items for part in str(item).split(",")]
+    if "" in result and any(result):
+        raise UsageError(
+            f"{name}: an empty name between commas in {value!r}; remove the extra comma"
+        )
 
-    return result
+    return [part for part in result if part]
 
 
 def _build_range(
@@ -479,6 +483,11 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
         )
 
     path = Path(rendered)
+    if rendered.endswith(("/", os.sep)):
+        raise UsageError(
+            f"output {rendered!r} ends with '/': name a file, not a folder"
+        )
+
     if ".." in path.parts or not path.name:
         raise UsageError(
             f"output {rendered!r} is refused: --output must name a file, without "

@@ -53,8 +53,12 @@ def load_credentials(
     if not path.is_absolute() and config_path is not None:
         path = config_path.parent / path  # relative to the config file
 
+    found = read_credentials_file(path)  # first: a folder or a missing file is an error
     warn_if_shared(path)
-    return credentials_from_env({**read_credentials_file(path), **env})
+    try:
+        return credentials_from_env({**found, **env})
+    except UsageError as error:
+        raise UsageError(f"{error} (nor in credentials file {path})") from None
 
 
 def warn_if_shared(path: Path) -> None:

@@ -319,6 +319,12 @@ def _check_same_request(
 
 def _discard_state(paths: ExportPaths) -> None:
     for path in (paths.manifest, paths.partial, paths.output):
+        if path.is_dir():
+            raise UsageError(
+                f"{path} is a folder where this export keeps a file: move it away "
+                "and rerun"
+            )
+
         path.unlink(missing_ok=True)
 
     if paths.parts.exists():

@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.config import RunSettings, build_settings, read_contact_keys
 from orchestrator.configfile import load_config
-from orchestrator.credentials import credentials_from_env
+from orchestrator.credentials import credentials_from_env, load_credentials
 from orchestrator.errors import UsageError
 from orchestrator.timeparse import parse_duration, parse_time
 
@@ -322,3 +322,35 @@ def test_retry_and_timeout_settings_are_bounded_and_named(
 
     assert problem.format(path=path) in str(caught.value)
     assert str(caught.value).endswith(")")  # names the file and key
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"columns": "TransactionTime,,ContactKey"}, "columns: an empty name between"),
+        ({"statuses": ["Failed,"]}, "statuses: an empty name between commas"),
+        (
+            {"columns": "ContactKey,Status,ContactKey"},
+            "columns: ContactKey named twice",
+        ),
+        ({"output": "x.csv/"}, "ends with '/': name a file"),
+    ],
+)
+def test_list_and_output_typos_are_refused_by_name(
+    options: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(UsageError, match=re.escape(problem)):
+        settings(**options)
+
+
+def test_credentials_missing_from_env_and_file_name_both(tmp_path: Path) -> None:
+    secrets = tmp_path / "sfmc.env"
+    secrets.write_text("SFMC_CLIENT_ID=id\n")
+    secrets.chmod(0o600)
+    config = {"credentials": {"file": str(secrets)}}
+
+    with pytest.raises(UsageError, match=f"not set.*nor in credentials file {secrets}"):
+        load_credentials({}, config)
+
+    with pytest.raises(UsageError, match=r"credentials file .*Is a directory"):
+        load_credentials({}, {"credentials": {"file": str(tmp_path)}})

@@ -17,7 +17,7 @@ import anyio.lowlevel
 import pytest
 
 from orchestrator.config import HttpSettings, RetrySettings
-from orchestrator.errors import StateWriteError
+from orchestrator.errors import StateWriteError, UsageError
 from orchestrator.export import ExportResult, Hooks, run_export
 from orchestrator.manifest import DONE, MERGED, ExportPaths, Manifest, WindowRecord
 from orchestrator.merger import Assembler, Batch
@@ -236,6 +236,22 @@ async def test_a_damaged_manifest_is_reported_and_restart_recovers(
         with pytest.raises(ManifestError, match="--restart"):
             await export_with(sandbox, output)
         result, _ = await export_with(sandbox, output, restart=True)
+
+    assert result.complete
+    assert_exported_exactly(output, sandbox, start, 4 * HOUR)
+
+
+async def test_restart_with_a_folder_in_place_of_the_manifest_names_it(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "o.csv"
+    ExportPaths(output).manifest.mkdir()
+    async with SandboxServer(SandboxSettings(rows_per_hour=30)) as sandbox:
+        with pytest.raises(UsageError, match=r"o\.csv\.manifest\.json is a folder"):
+            await export_with(sandbox, output, restart=True)
+
+        ExportPaths(output).manifest.rmdir()
+        result, start = await export_with(sandbox, output, restart=True)
 
     assert result.complete
     assert_exported_exactly(output, sandbox, start, 4 * HOUR)

@@ -552,3 +552,23 @@ def test_the_summary_names_three_failed_windows_and_counts_the_rest() -> None:
     assert line.count("413 too large") == 3
     assert "12 failed" in line
     assert "; 9 more (see status)" in line
+
+
+def test_the_summary_of_a_run_stopped_by_the_disk_names_the_disk() -> None:
+    result = ExportResult(
+        output="o.csv",
+        start="2026-11-03T00:00:00+00:00",
+        end="2026-11-03T12:00:00+00:00",
+        windows=12,
+        exported=12,
+        rows=0,
+        bytes=0,
+        seconds=1.0,
+        error="cannot write o.csv.partial: No space left on device; rerun once ...",
+    )
+
+    line = summary_line(result)
+
+    assert "failed" not in line
+    assert "No space left on device" in line
+    assert line.endswith("rerun the same command to go on")
