@@ -18,7 +18,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from orchestrator.auth import TokenSource
 from orchestrator.config import RunSettings
 from orchestrator.credentials import Credentials
-from orchestrator.download import JourneyHistoryClient
+from orchestrator.download import Estimate, JourneyHistoryClient
 from orchestrator.errors import (
     PermanentError,
     TooLargeError,
@@ -41,10 +41,17 @@ from orchestrator.merger import (
 from orchestrator.parts import PRIVATE_DIR, PartInfo
 from orchestrator.pool import PoolEvents, WindowPool
 from orchestrator.reporting import Progress
-from orchestrator.retry import AdaptiveLimiter, RetryPolicy, Sleep, ThrottleGate
+from orchestrator.retry import (
+    AdaptiveLimiter,
+    RetryPolicy,
+    Sleep,
+    ThrottleGate,
+    ask_a_few_times,
+)
 from orchestrator.session import open_session
 
 logger = logging.getLogger(__name__)
+ESTIMATE_ATTEMPTS = 3  # estimates only help: a few tries, then go on without them
 
 MANIFEST_SAVE_SECONDS = 1.0  # at most this late, a checkpoint left unsaved is saved
 
@@ -200,9 +207,20 @@ class ExportJob:
         if not self.estimates_usable:
             return
 
-        try:
+        client, window = self.client, record.window
+
+        async def ask() -> Estimate | None:
             async with self.limiter:
-                estimate = await self.client.estimate(record.window)
+                return await client.estimate(window)
+
+        try:
+            estimate = await ask_a_few_times(
+                ask,
+                attempts=ESTIMATE_ATTEMPTS,
+                settings=self.settings.retry,
+                gate=self.gate,
+                sleep=self.hooks.sleep,
+            )
         except WindowError as error:
             self._stop_estimating(f"estimate failed ({error})")
             return

@@ -11,6 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 import tenacity
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
 MIN_WAIT_SECONDS = 0.05
+_T = TypeVar("_T")
 
 
 class ThrottleGate:
@@ -147,3 +149,33 @@ class RetryPolicy:
 
         upcoming = state.upcoming_sleep or 0.0
         return state.idle_for + upcoming > self.settings.max_wait_seconds
+
+
+async def ask_a_few_times(
+    call: Callable[[], Awaitable[_T]],
+    *,
+    attempts: int,
+    settings: RetrySettings,
+    gate: ThrottleGate,
+    sleep: Sleep,
+    rng: random.Random | None = None,
+) -> _T:
+    """Await ``call`` up to ``attempts`` times while it raises RetryableError, for a
+    request that is only a help (an estimate): a throttled answer pauses every
+    worker, as a download's does. The last error is raised."""
+    rng = rng or random.Random()
+    for attempt in range(1, attempts + 1):
+        await gate.wait()
+        try:
+            return await call()
+        except RetryableError as error:
+            if attempt == attempts:
+                raise
+
+            wait = backoff_seconds(settings, attempt, error, rng)
+            if isinstance(error, ThrottledError):
+                gate.pause(wait)
+            else:
+                await sleep(wait)
+
+    raise AssertionError("unreachable: the last attempt returns or raises")

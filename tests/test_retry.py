@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -10,6 +11,7 @@ from orchestrator.retry import (
     AdaptiveLimiter,
     RetryPolicy,
     ThrottleGate,
+    ask_a_few_times,
     backoff_seconds,
 )
 
@@ -134,3 +136,59 @@ def test_limiter_halves_on_throttling_and_grows_back_slowly() -> None:
     for _ in range(6 + 8 + 10 + 12 + 14):
         limiter.succeeded()
     assert limiter.limit == 8
+
+
+def asking(answers: list[BaseException | str]) -> Callable[[], Awaitable[str]]:
+    """A call that raises or returns each of ``answers`` in turn."""
+
+    async def call() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    return call
+
+
+async def test_a_helping_request_is_asked_again_after_a_throttle_or_a_5xx() -> None:
+    sleeps = Recorder()
+    gate = ThrottleGate(sleep=sleeps)
+    answers: list[BaseException | str] = [
+        ThrottledError("429", retry_after=3),
+        RetryableError("503"),
+        "estimate",
+    ]
+    call = asking(answers)
+
+    got = await ask_a_few_times(
+        call, attempts=3, settings=SETTINGS, gate=gate, sleep=sleeps
+    )
+
+    assert got == "estimate"
+    assert gate.pauses == 1  # the throttle paused every worker
+    assert sleeps.sleeps[0] >= 3  # for its Retry-After, before the next attempt
+
+
+async def test_a_helping_request_gives_up_after_its_attempts() -> None:
+    sleeps = Recorder()
+    answers: list[BaseException | str] = [RetryableError("503") for _ in range(3)]
+    answers.append("late")
+
+    with pytest.raises(RetryableError, match="503"):
+        await ask_a_few_times(
+            asking(answers),
+            attempts=3,
+            settings=SETTINGS,
+            gate=ThrottleGate(sleep=sleeps),
+            sleep=sleeps,
+        )
+    assert answers == ["late"]
+
+    with pytest.raises(PermanentError):  # not retried at all
+        await ask_a_few_times(
+            asking([PermanentError("400"), "never"]),
+            attempts=3,
+            settings=SETTINGS,
+            gate=ThrottleGate(sleep=sleeps),
+            sleep=sleeps,
+        )
