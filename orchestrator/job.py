@@ -310,7 +310,7 @@ class ExportJob:
         record.error = str(error)
         self.manifest.checkpoint()
         logger.error(
-            "window %s failed after %d attempts: %s",
+            "window %s failed after %d attempts (over every run so far): %s",
             record.window,
             record.attempts,
             error,
