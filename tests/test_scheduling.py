@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -391,6 +392,21 @@ def test_a_name_holding_another_complete_export_is_refused_clearly(
     assert "--restart" not in refused.stderr
 
 
+def twelve_windows(**fields: Any) -> ExportResult:
+    """The result of an export of 12 windows, none exported unless ``fields`` say."""
+    made: dict[str, Any] = {
+        "output": "o.csv",
+        "start": "2026-11-03T00:00:00+00:00",
+        "end": "2026-11-03T12:00:00+00:00",
+        "windows": 12,
+        "exported": 0,
+        "rows": 0,
+        "bytes": 0,
+        "seconds": 1.0,
+    }
+    return ExportResult(**{**made, **fields})
+
+
 @pytest.mark.parametrize(
     ("error", "failed", "code"),
     [
@@ -410,19 +426,7 @@ def test_a_name_holding_another_complete_export_is_refused_clearly(
 def test_a_spent_time_budget_does_not_hide_a_failure(
     error: str | None, failed: dict[str, str], code: ExitCode
 ) -> None:
-    result = ExportResult(
-        output="o.csv",
-        start="2026-11-03T00:00:00+00:00",
-        end="2026-11-03T12:00:00+00:00",
-        windows=12,
-        exported=3,
-        rows=30,
-        bytes=3000,
-        seconds=60.0,
-        failed=failed,
-        error=error,
-        out_of_time=True,
-    )
+    result = twelve_windows(exported=3, failed=failed, error=error, out_of_time=True)
 
     assert exit_code_of(result) == code
 
@@ -507,21 +511,24 @@ def test_since_last_refuses_a_recorded_end_that_is_not_a_time(
     key = request_key(build_request({}, {}), HOUR)
     state.write_text(f'{{"{key}": {{"end": {end}}}}}\n')
 
-    done = journey_export(
-        "run", "--since-last", "--state-file", str(state),
-        "--output", str(tmp_path / "o.csv"), env=env_for(9),
-    )  # fmt: skip
+    refused = since_last_refused(tmp_path, state)
 
-    assert done.returncode == ExitCode.USAGE
-    assert done.stderr.count("\n") == 1
-    assert f"state file {state}: the end recorded for request {key}" in done.stderr
-    assert "give --start for the next run" in done.stderr
+    assert f"state file {state}: the end recorded for request {key}" in refused
 
 
 def test_since_last_refuses_a_state_file_nested_too_deeply(tmp_path: Path) -> None:
     state = tmp_path / "state.json"
     state.write_text("[" * 100_000 + "\n")
 
+    refused = since_last_refused(tmp_path, state)
+
+    assert f"state file {state} cannot be read" in refused
+
+
+def since_last_refused(tmp_path: Path, state: Path) -> str:
+    """Run --since-last with ``state``; check the one-line refusal, return it.
+
+    The sandbox address is never contacted: the state file is read first."""
     done = journey_export(
         "run", "--since-last", "--state-file", str(state),
         "--output", str(tmp_path / "o.csv"), env=env_for(9),
@@ -529,23 +536,13 @@ def test_since_last_refuses_a_state_file_nested_too_deeply(tmp_path: Path) -> No
 
     assert done.returncode == ExitCode.USAGE
     assert done.stderr.count("\n") == 1
-    assert f"state file {state} cannot be read" in done.stderr
     assert "give --start for the next run" in done.stderr
+    return done.stderr
 
 
 def test_the_summary_names_three_failed_windows_and_counts_the_rest() -> None:
     failed = {f"2026-11-03T{hour:02d}:00:00Z/…": "413 too large" for hour in range(12)}
-    result = ExportResult(
-        output="o.csv",
-        start="2026-11-03T00:00:00+00:00",
-        end="2026-11-03T12:00:00+00:00",
-        windows=12,
-        exported=0,
-        rows=0,
-        bytes=0,
-        seconds=1.0,
-        failed=failed,
-    )
+    result = twelve_windows(failed=failed)
 
     line = summary_line(result)
 
@@ -555,17 +552,8 @@ def test_the_summary_names_three_failed_windows_and_counts_the_rest() -> None:
 
 
 def test_the_summary_of_a_run_stopped_by_the_disk_names_the_disk() -> None:
-    result = ExportResult(
-        output="o.csv",
-        start="2026-11-03T00:00:00+00:00",
-        end="2026-11-03T12:00:00+00:00",
-        windows=12,
-        exported=12,
-        rows=0,
-        bytes=0,
-        seconds=1.0,
-        error="cannot write o.csv.partial: No space left on device; rerun once ...",
-    )
+    disk_full = "cannot write o.csv.partial: No space left on device; rerun once ..."
+    result = twelve_windows(exported=12, error=disk_full)
 
     line = summary_line(result)
 
