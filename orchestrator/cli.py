@@ -197,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.set_defaults(handler=commands.command_plan)
 
+    _add_reading_commands(subcommands)
+    add_sandbox_commands(subcommands)
+    return parser
+
+
+def _add_reading_commands(subcommands: Any) -> None:
+    """The commands that only read: status and values."""
     status = subcommands.add_parser(
         "status", help="print each window's state", epilog=SHORT_EPILOG
     )
@@ -210,9 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="which list: the columns, the statuses or the activity types",
     )
     values.set_defaults(handler=commands.command_values)
-
-    add_sandbox_commands(subcommands)
-    return parser
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, text: str) -> None:

@@ -457,8 +457,8 @@ _TEMPLATE_FIELD = re.compile(r"\{(\w*)(?::([^{}]*))?\}")
 def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
     """Fill ``{start:%Y%m%d}`` and ``{end:...}`` in an output name (UTC times).
 
-    Only those two fields exist; a name that would climb out with ``..`` or holds a
-    NUL byte is refused.
+    Only those two fields exist; the name is then checked as
+    :func:`check_output_path` does.
     """
     times = {"start": start, "end": end}
 
@@ -482,6 +482,12 @@ def render_output(template: str, start: dt.datetime, end: dt.datetime) -> Path:
             "are filled in (FORMAT as strftime, e.g. %Y%m%d)"
         )
 
+    return check_output_path(rendered)
+
+
+def check_output_path(rendered: str) -> Path:
+    """Refuse an output that names a folder, climbs out with ``..``, is too long for
+    its state files beside it, or is named like one of them."""
     path = Path(rendered)
     if rendered.endswith(("/", os.sep)):
         raise UsageError(
