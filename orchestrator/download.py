@@ -300,7 +300,11 @@ class JourneyHistoryClient:
                     if attempt == 1:
                         continue
 
-                    raise RetryableError("401 Not Authorized twice", status=401)
+                    raise RetryableError(
+                        "401 Not Authorized twice, with a new token; if every window "
+                        "fails so, give the installed package read access to Journeys",
+                        status=401,
+                    )
 
                 yield response
                 return
