@@ -202,9 +202,10 @@ def open_manifest(
 ) -> Manifest:
     """Load the manifest of an earlier run of this request, or start a new one."""
     identity = request_identity(settings)
-    if settings.restart:
-        _discard_state(paths)
-    elif paths.manifest.exists():
+    if settings.restart:  # the published output stays until the new one replaces it
+        return _new_manifest(settings, paths, identity, now)
+
+    if paths.manifest.exists():
         manifest = Manifest.load(paths.manifest)
         _check_same_request(manifest, identity, paths)
         if manifest.complete and settings.output.exists():
@@ -217,7 +218,8 @@ def open_manifest(
             return _new_manifest(settings, paths, identity, now)
 
         return manifest
-    elif settings.output.exists():
+
+    if settings.output.exists():
         raise ManifestError(
             f"{settings.output} exists and no export of it is recorded; choose another "
             "--output, or add --restart to replace it"
@@ -318,7 +320,9 @@ def _check_same_request(
 
 
 def _discard_state(paths: ExportPaths) -> None:
-    for path in (paths.manifest, paths.partial, paths.output):
+    """Remove an earlier export's state; its published output, if any, stays until
+    the new export replaces it."""
+    for path in (paths.manifest, paths.partial):
         if path.is_dir():
             raise UsageError(
                 f"{path} is a folder where this export keeps a file: move it away "

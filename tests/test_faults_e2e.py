@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import os
@@ -17,7 +18,7 @@ import anyio.lowlevel
 import pytest
 
 from orchestrator.config import HttpSettings, RetrySettings
-from orchestrator.errors import StateWriteError, UsageError
+from orchestrator.errors import CredentialsError, StateWriteError, UsageError
 from orchestrator.export import ExportResult, Hooks, run_export
 from orchestrator.manifest import DONE, MERGED, ExportPaths, Manifest, WindowRecord
 from orchestrator.merger import Assembler, Batch
@@ -252,6 +253,31 @@ async def test_restart_with_a_folder_in_place_of_the_manifest_names_it(
 
         ExportPaths(output).manifest.rmdir()
         result, start = await export_with(sandbox, output, restart=True)
+
+    assert result.complete
+    assert_exported_exactly(output, sandbox, start, 4 * HOUR)
+
+
+async def test_a_restart_that_fails_early_keeps_the_published_output(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=30)) as sandbox:
+        _, start = await export_with(sandbox, output)
+        published = output.read_bytes()
+        wrong = dataclasses.replace(credentials_for(sandbox), client_secret="wrong")
+        settings = run_settings(output, start, start + 4 * HOUR, restart=True)
+
+        with pytest.raises(CredentialsError):
+            await run_export(settings, wrong, hooks=Hooks(sleep=no_wait))
+        assert output.read_bytes() == published
+
+        past = run_settings(output, start - 40 * 24 * HOUR, start, restart=True)
+        with pytest.raises(UsageError, match="retention"):
+            await run_export(past, credentials_for(sandbox))
+        assert output.read_bytes() == published
+
+        result, _ = await export_with(sandbox, output, restart=True)
 
     assert result.complete
     assert_exported_exactly(output, sandbox, start, 4 * HOUR)
