@@ -25,7 +25,13 @@ from orchestrator.export import (
     estimate_windows,
     run_export,
 )
-from orchestrator.incremental import nothing_new, plan_since_last, record_end
+from orchestrator.incremental import (
+    STATE_NAME,
+    nothing_new,
+    plan_since_last,
+    record_end,
+    state_file_of,
+)
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.planner import Window, plan_windows
 from orchestrator.reporting import (
@@ -83,15 +89,17 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def check_report_paths(
-    args: argparse.Namespace, output: Path | None, inputs: list[Any]
+    args: argparse.Namespace, output: Path | None, inputs: list[Path]
 ) -> None:
-    """Before anything is requested: refuse a report or metrics path that is the
-    output, one of its state files or an input, or that cannot be written."""
-    taken = {Path(path).resolve(): "an input file" for path in inputs if path}
+    """Before anything is requested: refuse an output that is an input or a state
+    file, and a report or metrics path that is the output, one of its own files, an
+    input, the other report, or that cannot be written."""
+    taken = {path.resolve(): "an input file of this run" for path in inputs}
     if output is not None:
+        _check_output_is_free(output, taken)
         paths = ExportPaths(output)
-        for path in (output, paths.manifest, paths.partial, paths.lock):
-            taken[path.resolve()] = f"{output}'s own file"
+        owned = (output, paths.manifest, paths.partial, paths.lock, paths.parts)
+        taken.update({path.resolve(): f"{output}'s own file" for path in owned})
 
     for flag, path in (("--report", args.report), ("--prometheus", args.prometheus)):
         if path is None:
@@ -105,6 +113,13 @@ def check_report_paths(
             )
 
         _check_writable(flag, path)
+        taken[where] = f"the {flag} file"
+
+
+def _check_output_is_free(output: Path, taken: dict[Path, str]) -> None:
+    if output.resolve() in taken or output.name == STATE_NAME:
+        what = taken.get(output.resolve(), "named as --since-last's state file")
+        raise WrittenPathError(f"--output {output} is {what}: name another file")
 
 
 def _in_parts(where: Path, output: Path | None) -> bool:
@@ -160,27 +175,38 @@ def _command_run(args: argparse.Namespace) -> int:
         return _run_since_last(args, options, config, credentials)
 
     settings = build_settings(options, config, now=_now())
-    check_report_paths(args, settings.output, _inputs(args, options, config))
+    check_report_paths(args, settings.output, inputs_of(args, options, config))
     credentials = load_credentials(os.environ, config, args.config)
     return _finish(args, _run(args, settings, credentials))
 
 
-def _inputs(
+def inputs_of(
     args: argparse.Namespace, options: dict[str, Any], config: dict[str, Any]
-) -> list[Any]:
-    """The files a run reads, which it must never write over."""
+) -> list[Path]:
+    """The files a run reads (or keeps, as the --since-last state), which it must
+    never write over."""
     credentials_file = config.get("credentials", {}).get("file")
-    if credentials_file and args.config:
-        credentials_file = args.config.parent / credentials_file
+    if credentials_file:
+        credentials_file = Path(credentials_file).expanduser()
+        if args.config and not credentials_file.is_absolute():
+            credentials_file = args.config.parent / credentials_file
 
     merged = {**config.get("export", {}), **config.get("filters", {}), **options}
-    return [
+    found = [
         args.config,
         credentials_file,
         merged.get("contact_keys_file"),
         merged.get("ca_bundle") or config.get("http", {}).get("ca_bundle"),
-        merged.get("state_file"),
+        _state_file_or_none(options, config),
     ]
+    return [Path(path).expanduser() for path in found if path]
+
+
+def _state_file_or_none(options: dict[str, Any], config: dict[str, Any]) -> Path | None:
+    try:
+        return state_file_of(options, config)
+    except UsageError:  # a templated folder without --state-file: said elsewhere
+        return None
 
 
 def _run(
@@ -213,7 +239,7 @@ def _run_since_last(
             "--output instead of --since-last"
         )
 
-    check_report_paths(args, None, _inputs(args, options, config))
+    check_report_paths(args, None, inputs_of(args, options, config))
     if args.state_file:
         _check_writable("--state-file", Path(args.state_file))
 
@@ -222,7 +248,7 @@ def _run_since_last(
         return _finish(args, nothing_new(plan.start))
 
     settings = build_settings(plan.options, config, now=_now())
-    check_report_paths(args, settings.output, _inputs(args, options, config))
+    check_report_paths(args, settings.output, inputs_of(args, options, config))
     result = _run(args, settings, credentials)
     if result.complete:
         record_end(plan.state, plan.key, end=result.end, output=result.output)

@@ -504,12 +504,18 @@ def check_output_path(rendered: str) -> Path:
     if path.is_dir():
         raise UsageError(f"output {rendered!r} is a folder: name a file in it")
 
-    if path.name.endswith(STATE_SUFFIXES) or any(
-        part.endswith(".parts") for part in path.parent.parts
-    ):
+    folder = path.parent
+    in_parts = (
+        folder.name.endswith(".parts")
+        and folder.with_name(
+            folder.name.removesuffix(".parts") + ".manifest.json"
+        ).exists()
+    )
+    if path.name.endswith(STATE_SUFFIXES) or in_parts:
         raise UsageError(
             f"output {rendered!r} is named like an export's own state (a name ending "
-            f"in {', '.join(STATE_SUFFIXES)}, or in a .parts folder): name it plainly"
+            f"in {', '.join(STATE_SUFFIXES)}, or in an export's .parts folder): name "
+            "it plainly"
         )
 
     return path

@@ -135,7 +135,7 @@ def plan_since_last(
 
     span = parse_duration(str(options.get("window") or "1h"), name="window")
     key = request_key(build_request(options, config), span)
-    path = _state_file(options, config)
+    path = state_file_of(options, config)
     start = last_end(read_state(path), key, path=path)
     if start is None and not options.get("start"):
         raise UsageError(
@@ -215,7 +215,8 @@ def _complete_export(paths: ExportPaths, settings: Any) -> str | None:
     return str(manifest.request["end"]) if manifest.complete and same else None
 
 
-def _state_file(options: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
+def state_file_of(options: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
+    """The state file a --since-last run with these options and config uses."""
     export = config.get("export", {})
     template = str(options.get("output") or export.get("output") or "")
     return state_path(options.get("state_file") or export.get("state_file"), template)

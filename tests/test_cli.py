@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.commands import check_report_paths, inputs_of
+from orchestrator.errors import UsageError
+from orchestrator.incremental import STATE_NAME
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.sandbox import History
 from tests.conftest import HOUR, expected_output, hour_now
@@ -355,3 +359,38 @@ def test_an_output_named_like_another_exports_state_is_refused(
 
     assert done.returncode == 2
     assert "is named like an export's own state" in done.stderr
+
+
+def written_paths_args(**paths: Path | None) -> argparse.Namespace:
+    return argparse.Namespace(**{"report": None, "prometheus": None, **paths})
+
+
+def test_an_output_or_report_over_a_file_the_run_reads_or_keeps_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = {"credentials": {"file": "~/creds.env"}}
+    args = written_paths_args(config=None)
+    options = {"output": str(tmp_path / "o.csv"), "contact_keys_file": "keys.txt"}
+    inputs = inputs_of(args, options, config)
+    assert tmp_path / "creds.env" in inputs  # ~ expanded, as the credentials are
+    assert tmp_path / "journey-export.state.json" in inputs  # --since-last's state
+
+    output = tmp_path / "o.csv"
+    for report in (tmp_path / "creds.env", tmp_path / "journey-export.state.json"):
+        with pytest.raises(UsageError, match="is an input file of this run"):
+            check_report_paths(written_paths_args(report=report), output, inputs)
+
+    with pytest.raises(UsageError, match=r"o\.csv\.parts is .*o\.csv's own file"):
+        parts = tmp_path / "o.csv.parts"
+        check_report_paths(written_paths_args(report=parts), output, inputs)
+
+    with pytest.raises(UsageError, match=r"--output .*keys.txt is an input file"):
+        check_report_paths(written_paths_args(), Path("keys.txt"), inputs)
+
+    with pytest.raises(UsageError, match="named as --since-last's state file"):
+        check_report_paths(written_paths_args(), tmp_path / "x" / STATE_NAME, inputs)
+
+    same = written_paths_args(report=tmp_path / "r", prometheus=tmp_path / "r")
+    with pytest.raises(UsageError, match=r"--prometheus .* is the --report file"):
+        check_report_paths(same, output, inputs)

@@ -354,3 +354,14 @@ def test_credentials_missing_from_env_and_file_name_both(tmp_path: Path) -> None
 
     with pytest.raises(UsageError, match=r"credentials file .*Is a directory"):
         load_credentials({}, {"credentials": {"file": str(tmp_path)}})
+
+
+def test_only_an_exports_own_parts_folder_is_refused_as_an_output_folder(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "car.parts" / "y.csv"
+    assert settings(output=str(output)).output == output
+
+    (tmp_path / "car.manifest.json").write_text("{}")
+    with pytest.raises(UsageError, match="in an export's .parts folder"):
+        settings(output=str(output))
