@@ -363,5 +363,5 @@ def test_only_an_exports_own_parts_folder_is_refused_as_an_output_folder(
     assert settings(output=str(output)).output == output
 
     (tmp_path / "car.manifest.json").write_text("{}")
-    with pytest.raises(UsageError, match="in an export's .parts folder"):
+    with pytest.raises(UsageError, match=r"in an export's \.parts folder"):
         settings(output=str(output))
