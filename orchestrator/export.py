@@ -156,9 +156,15 @@ def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowR
     return chosen
 
 
+# "-30d" and "--last 30d" name the whole retention: the moments between reading the
+# command line and checking it must not make them reach past it.
+RETENTION_SLACK = dt.timedelta(minutes=5)
+
+
 def retention_cutoff(now: dt.datetime) -> dt.datetime:
-    """The oldest moment SFMC still keeps history for."""
-    return now - dt.timedelta(days=sfmc.RETENTION_DAYS)
+    """The oldest moment an export may start at: SFMC keeps 30 days of history (a
+    few minutes more are allowed, so that "the last 30 days" is accepted)."""
+    return now - dt.timedelta(days=sfmc.RETENTION_DAYS) - RETENTION_SLACK
 
 
 def check_retention(

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from orchestrator.config import ExportRequest
@@ -170,6 +171,19 @@ async def test_retained_only_exports_what_is_left(
     assert result.windows < 2 * 24
     warned = [r for r in caplog.records if "--retained-only" in r.getMessage()]
     assert len(warned) == 1  # once, for the windows left out
+
+
+async def test_the_last_30_days_are_not_refused_for_the_moments_spent_starting(
+    tmp_path: Path,
+) -> None:
+    start = dt.datetime.now(dt.UTC) - 30 * 24 * HOUR  # as --start -30d reads it
+    await anyio.sleep(0.05)
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        result = await export(
+            sandbox, tmp_path / "o.csv", start, start + HOUR, estimate=False
+        )
+
+    assert result.complete
 
 
 async def test_retained_only_refuses_a_range_wholly_past_retention(
