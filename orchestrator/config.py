@@ -228,7 +228,7 @@ def _build_settings(
         redo=tuple(merged.get("redo") or ()),
         gzip_output=bool(merged.get("gzip")) or str(output).endswith(".gz"),
         history_lag_fallback_seconds=_positive(
-            merged, "history_lag_fallback_seconds", 7200.0
+            merged, "history_lag_fallback_seconds", 7200.0, sfmc.MAX_LAG_SECONDS
         ),
         retry=_build_retry(config.get("retry", {})),
         http=_build_http(merged, config.get("http", {})),
@@ -546,10 +546,15 @@ def _flush_bytes(merged: Mapping[str, Any]) -> int:
     return int(megabytes * 1_000_000)
 
 
-def _positive(merged: Mapping[str, Any], name: str, default: float) -> float:
+def _positive(
+    merged: Mapping[str, Any], name: str, default: float, highest: float = math.inf
+) -> float:
     value = merged.get(name, default)
-    if not _finite_positive(value):
-        raise UsageError(f"{name} {value!r} must be a number above 0")
+    if not _finite_positive(value) or value > highest:
+        upto = f", at most {highest:g}" if math.isfinite(highest) else ""
+        raise UsageError(
+            f"{name} {value!r} is out of range: use a number above 0{upto}"
+        )
 
     return float(value)
 

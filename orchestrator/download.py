@@ -259,13 +259,15 @@ class JourneyHistoryClient:
         return _parse_estimate(answer)
 
     async def freshness(self) -> float | None:
-        """The history lag in seconds, or None when the answer cannot be read."""
+        """The history lag in seconds, or None when the answer cannot be read or
+        says a lag below 0 or beyond the retention."""
         with self._translated():
             async with self._call("GET", sfmc.FRESHNESS_PATH) as response:
                 await _raise_for_status(response)
                 answer = await read_json(response)
 
-        return _first_number(answer, _LAG_KEYS)
+        lag = _first_number(answer, _LAG_KEYS)
+        return lag if lag is not None and 0 <= lag <= sfmc.MAX_LAG_SECONDS else None
 
     def _accept_encoding(self) -> str:
         return "identity" if self._compression == "none" else self._compression

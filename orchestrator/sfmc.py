@@ -145,6 +145,7 @@ FILTER_KEYS = {
 
 RETENTION_DAYS = 30
 DOWNLOAD_CAP_BYTES = 1_000_000_000
+MAX_LAG_SECONDS = RETENTION_DAYS * 86400  # a history lag beyond this is not believed
 TIME_COLUMN = "TransactionTime"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 

@@ -186,6 +186,20 @@ async def test_the_last_30_days_are_not_refused_for_the_moments_spent_starting(
     assert result.complete
 
 
+async def test_a_history_lag_beyond_retention_is_not_believed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    absurd = SandboxSettings(rows_per_hour=10, history_lag_seconds=10**20)
+    async with SandboxServer(absurd) as sandbox:
+        start = hour_now() - 5 * HOUR
+        result = await export(
+            sandbox, tmp_path / "o.csv", start, start + HOUR, estimate=False
+        )
+
+    assert result.complete
+    assert "freshness answer not understood; assuming 7200 s" in caplog.text
+
+
 async def test_retained_only_refuses_a_range_wholly_past_retention(
     tmp_path: Path,
 ) -> None:
