@@ -391,7 +391,7 @@ def summary_line(result: ExportResult) -> str:
 
 def command_plan(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    options = {**options_of(args), "output": args.output or "plan"}
+    options = {**options_of(args), "output": args.output or os.devnull}  # unused
     settings = build_settings(options, config, now=_now())
     if args.ask_estimates:
         credentials = load_credentials(os.environ, config, args.config)

@@ -373,7 +373,13 @@ def _build_range(
 
     end = parse_time(str(merged.get("end") or "now"), now=now, name="end", zone=zone)
     if last:
-        start = end - _duration(str(last), "last")
+        try:
+            start = end - _duration(str(last), "last")
+        except OverflowError:
+            raise UsageError(
+                f"last {last!r} before {end.isoformat()} reaches before year 1: give "
+                "a range within SFMC's retention"
+            ) from None
     else:
         start = parse_time(str(merged["start"]), now=now, name="start", zone=zone)
 

@@ -394,3 +394,18 @@ def test_an_output_or_report_over_a_file_the_run_reads_or_keeps_is_refused(
     same = written_paths_args(report=tmp_path / "r", prometheus=tmp_path / "r")
     with pytest.raises(UsageError, match=r"--prometheus .* is the --report file"):
         check_report_paths(same, output, inputs)
+
+
+def test_plan_needs_no_output_even_beside_a_folder_named_plan(tmp_path: Path) -> None:
+    (tmp_path / "plan").mkdir()
+    done = subprocess.run(
+        [*PYTHON, "plan", "--start", "-3h", "--end", "-2h"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith(" windows\n")

@@ -265,13 +265,14 @@ def test_an_empty_value_or_a_list_of_non_strings_is_refused(
             "start '0001-01-01T00:00+05:00' is out",
         ),
         ("2026-11-20", "9999-12-31T20:00-05:00", "end '9999-12-31T20:00-05:00' is out"),
+        (None, "0001-01-01T00:30:00Z", "last '1h' before 0001-01-01T00:30:00+00:00"),
     ],
 )
 def test_an_end_after_now_or_a_time_out_of_range_is_refused(
-    start: str, end: str, problem: str
+    start: str | None, end: str, problem: str
 ) -> None:
     with pytest.raises(UsageError, match=re.escape(problem)):
-        settings(start=start, end=end)
+        settings(start=start, end=end, last=None if start else "1h")
 
 
 def test_a_range_cut_into_too_many_windows_is_refused_before_planning() -> None:
