@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from orchestrator import __version__, commands, sfmc
 from orchestrator.demo import add_commands as add_sandbox_commands
 from orchestrator.errors import ExitCode, JourneyExportError
-from orchestrator.launch import INTERRUPTED_LINE
+from orchestrator.launch import INTERRUPTED_LINE, json_logs_asked, tell_the_end
 from orchestrator.reporting import ClearingHandler, JsonFormatter, ProgressDisplay
 
 EPILOG = (
@@ -26,7 +26,6 @@ EPILOG = (
     "2 bad usage or input, 3 credentials rejected, 4 output locked by another run, "
     "5 time budget spent (rerun to go on), 130 interrupted (rerun to go on)"
 )
-logger = logging.getLogger(__name__)
 SHORT_EPILOG = (
     "exit codes: 0 done, 2 bad usage or input, 3 credentials rejected (plan --estimate)"
 )
@@ -37,7 +36,9 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, with where to look."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        line = f"{self.prog}: error: {message} (see {self.prog} --help)"
+        tell_the_end(line, int(ExitCode.USAGE), as_json=json_logs_asked())
+        self.exit(int(ExitCode.USAGE))
 
     def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
         # An unset shell variable ("--contact-keys-file $KEYS") must not widen an
@@ -63,17 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as error:
         code, line = _exit_code_for(error)
         if line:
-            _tell_the_end(args, line, code)
+            tell_the_end(line, code, as_json=args.log_format == "json")
 
         return code
-
-
-def _tell_the_end(args: argparse.Namespace, line: str, code: int) -> None:
-    """The last line on stderr: plain, or a JSON object under --log-format json."""
-    if args.log_format == "json":
-        logger.error("%s", line, extra={"event": "exit", "exit_code": code})
-    else:
-        print(line, file=sys.stderr)
 
 
 def _join_relative_times(argv: Sequence[str]) -> list[str]:

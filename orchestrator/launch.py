@@ -8,6 +8,8 @@ bare kill. Nothing has been written to the output by then.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import signal
 import sys
 from collections.abc import Sequence
@@ -27,8 +29,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_command_line(argv)
     except KeyboardInterrupt:
-        print(INTERRUPTED_LINE, file=sys.stderr)
-        return int(ExitCode.INTERRUPTED)
+        code = int(ExitCode.INTERRUPTED)
+        tell_the_end(INTERRUPTED_LINE, code, as_json=json_logs_asked(argv))
+        return code
+
+
+def json_logs_asked(argv: Sequence[str] | None = None) -> bool:
+    """Whether the command line asks for --log-format json (read before parsing)."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    pairs = zip(given, [*given[1:], ""], strict=True)
+    return "--log-format=json" in given or ("--log-format", "json") in pairs
+
+
+def tell_the_end(line: str, code: int, *, as_json: bool) -> None:
+    """The last line on stderr: plain, or under --log-format json one more JSON
+    object with the log's keys, ``event`` "exit" and the exit code."""
+    if not as_json:
+        print(line, file=sys.stderr)
+        return
+
+    event = {
+        "time": dt.datetime.now(dt.UTC).isoformat(),
+        "level": "error",
+        "logger": "journey-export",
+        "message": line,
+        "event": "exit",
+        "exit_code": code,
+    }
+    print(json.dumps(event), file=sys.stderr)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -560,3 +560,35 @@ def test_the_summary_of_a_run_stopped_by_the_disk_names_the_disk() -> None:
     assert "failed" not in line
     assert "No space left on device" in line
     assert line.endswith("rerun the same command to go on")
+
+
+@pytest.mark.parametrize(
+    "mistake", [["--start", ""], ["--bogus"], ["--concurrency", "many"]]
+)
+def test_under_json_logs_a_usage_error_is_one_json_object(mistake: list[str]) -> None:
+    done = journey_export("--log-format=json", "run", "--output", "o.csv", *mistake)
+
+    assert done.returncode == ExitCode.USAGE
+    (line,) = done.stderr.splitlines()
+    event = json.loads(line)
+    assert event["event"] == "exit"
+    assert event["exit_code"] == ExitCode.USAGE
+    assert event["message"].startswith("journey-export")
+
+
+def test_a_signal_during_start_up_is_json_too_under_json_logs() -> None:
+    code = SIGNAL_DURING_START_UP.replace("{name}", "SIGTERM").replace(
+        'main(["values"])', 'main(["--log-format", "json", "values"])'
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == ExitCode.INTERRUPTED
+    event = json.loads(done.stderr)
+    assert event["message"] == "journey-export: interrupted; rerun the same command"
+    assert event["exit_code"] == ExitCode.INTERRUPTED
