@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import anyio
 
 from orchestrator import sfmc
-from orchestrator.config import RunSettings, build_settings
+from orchestrator.config import NAME_MAX, RunSettings, build_settings
 from orchestrator.configfile import load_config
 from orchestrator.credentials import Credentials, load_credentials
 from orchestrator.download import Estimate
@@ -128,6 +128,12 @@ def _in_parts(where: Path, output: Path | None) -> bool:
 
 
 def _check_writable(flag: str, path: Path) -> None:
+    longest = NAME_MAX - len("..tmp")  # written first as ".NAME.tmp"
+    if len(os.fsencode(path.name)) > longest:
+        raise WrittenPathError(
+            f"{flag} name is longer than {longest} bytes: shorten it"
+        )
+
     if path.is_dir():
         raise WrittenPathError(f"{flag} {path} is a folder: name a file")
 

@@ -412,16 +412,22 @@ def _build_window(text: str, *, name: str = "window") -> dt.timedelta:
     return span
 
 
+# The most an output's name and path grow by in the files kept beside and under it:
+# "PATH.manifest.json.tmp", and "PATH.parts/<start>Z_<end>Z.part.kept".
+NAME_GROWTH = len(".manifest.json.tmp")
+PATH_GROWTH = len(".parts/20261203T050000Z_20261203T060000Z.part.kept")
+
+
 def _check_name_length(path: Path) -> None:
-    """Refuse a name too long for the state files beside it (NAME_MAX, PATH_MAX)."""
-    longest = max(len(suffix) for suffix in STATE_SUFFIXES)
-    name_bytes = len(os.fsencode(path.name)) + longest
-    path_bytes = len(os.fsencode(path.absolute())) + longest
+    """Refuse a name too long for the files kept beside and under it (NAME_MAX,
+    PATH_MAX)."""
+    name_bytes = len(os.fsencode(path.name)) + NAME_GROWTH
+    path_bytes = len(os.fsencode(path.absolute())) + PATH_GROWTH
     if name_bytes > NAME_MAX or path_bytes >= PATH_MAX:
         raise UsageError(
-            f"output name {path.name[:40]!r}... is too long: with its state files' "
-            f"suffixes a name must stay within {NAME_MAX - longest} bytes and the "
-            f"whole path within {PATH_MAX - longest - 1}; choose a shorter one"
+            f"output name {path.name[:40]!r}... is too long: for the files kept "
+            f"beside it, a name must stay within {NAME_MAX - NAME_GROWTH} bytes and "
+            f"the whole path within {PATH_MAX - PATH_GROWTH - 1}; choose a shorter one"
         )
 
 

@@ -409,3 +409,22 @@ def test_plan_needs_no_output_even_beside_a_folder_named_plan(tmp_path: Path) ->
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith(" windows\n")
+
+
+def test_the_longest_names_allowed_really_work(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    output = tmp_path / ("o" * (255 - len(".manifest.json.tmp") - 4) + ".csv")
+    report = tmp_path / ("r" * (255 - len("..tmp")))
+    end = hour_now() - 2 * HOUR
+    args = [*range_args(2, output, end), "--keep-parts", "--report", str(report)]
+
+    done = journey_export("run", *args, env=env_for(sandbox_port))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(report.read_text())["complete"]
+
+    longer = journey_export(
+        "run", *args[:-1], str(report) + "r", env=env_for(sandbox_port)
+    )
+    assert longer.returncode == 2
+    assert "--report name is longer than 250 bytes" in longer.stderr
