@@ -15,12 +15,15 @@ import dataclasses
 import datetime as dt
 import hashlib
 import io
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import PermanentError, TooLargeError
+
+logger = logging.getLogger(__name__)
 
 BOM = b"\xef\xbb\xbf"
 MAX_HEADER_BYTES = 64 * 1024
@@ -229,6 +232,14 @@ class PartWriter:
                 f"{len(self._columns)} fields): the server cut it short, as at a "
                 "size limit"
             )
+
+        # A cut inside the last field looks the same as a body without a final
+        # newline: say so, since only a cap at or below the server's catches it.
+        logger.warning(
+            "%s: the body does not end with a newline; if the server cuts bodies "
+            "below --safety-cap-mb, lower it to the server's limit",
+            self.path.name,
+        )
 
     def _take_header(self, data: bytes) -> bytes:
         assert self._head is not None

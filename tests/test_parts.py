@@ -103,13 +103,14 @@ def test_a_last_row_missing_fields_is_cut_by_the_server(
 
 
 @pytest.mark.parametrize("body", [b"a,b,c\nd,e,f", b'a,b,c\nd,"e\nf",g'])
-def test_a_last_row_with_every_field_but_no_newline_is_kept(
-    tmp_path: Path, body: bytes
+def test_a_last_row_with_every_field_but_no_newline_is_kept_with_a_warning(
+    tmp_path: Path, body: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     written, rows = write(tmp_path / "p", [COLUMNS_LINE + body])
 
     assert rows == 2
     assert written == body + b"\n"
+    assert "does not end with a newline; if the server cuts" in caplog.text
 
 
 def test_part_is_private_and_checksummed(tmp_path: Path) -> None:
