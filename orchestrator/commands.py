@@ -88,7 +88,7 @@ def command_run(args: argparse.Namespace) -> int:
         raise
 
 
-def check_report_paths(
+def check_written_paths(
     args: argparse.Namespace, output: Path | None, inputs: list[Path]
 ) -> None:
     """Before anything is requested: refuse an output that is an input or a state
@@ -181,7 +181,7 @@ def _command_run(args: argparse.Namespace) -> int:
         return _run_since_last(args, options, config, credentials)
 
     settings = build_settings(options, config, now=_now())
-    check_report_paths(args, settings.output, inputs_of(args, options, config))
+    check_written_paths(args, settings.output, inputs_of(args, options, config))
     credentials = load_credentials(os.environ, config, args.config)
     return _finish(args, _run(args, settings, credentials))
 
@@ -245,7 +245,7 @@ def _run_since_last(
             "--output instead of --since-last"
         )
 
-    check_report_paths(args, None, inputs_of(args, options, config))
+    check_written_paths(args, None, inputs_of(args, options, config))
     if args.state_file:
         _check_writable("--state-file", Path(args.state_file))
 
@@ -254,7 +254,7 @@ def _run_since_last(
         return _finish(args, nothing_new(plan.start))
 
     settings = build_settings(plan.options, config, now=_now())
-    check_report_paths(args, settings.output, inputs_of(args, options, config))
+    check_written_paths(args, settings.output, inputs_of(args, options, config))
     result = _run(args, settings, credentials)
     if result.complete:
         record_end(plan.state, plan.key, end=result.end, output=result.output)

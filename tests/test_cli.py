@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.commands import check_report_paths, inputs_of
+from orchestrator.commands import check_written_paths, inputs_of
 from orchestrator.errors import UsageError
 from orchestrator.incremental import STATE_NAME
 from orchestrator.manifest import ExportPaths, Manifest
@@ -379,21 +379,21 @@ def test_an_output_or_report_over_a_file_the_run_reads_or_keeps_is_refused(
     output = tmp_path / "o.csv"
     for report in (tmp_path / "creds.env", tmp_path / "journey-export.state.json"):
         with pytest.raises(UsageError, match="is an input file of this run"):
-            check_report_paths(written_paths_args(report=report), output, inputs)
+            check_written_paths(written_paths_args(report=report), output, inputs)
 
     with pytest.raises(UsageError, match=r"o\.csv\.parts is .*o\.csv's own file"):
         parts = tmp_path / "o.csv.parts"
-        check_report_paths(written_paths_args(report=parts), output, inputs)
+        check_written_paths(written_paths_args(report=parts), output, inputs)
 
     with pytest.raises(UsageError, match=r"--output .*keys.txt is an input file"):
-        check_report_paths(written_paths_args(), Path("keys.txt"), inputs)
+        check_written_paths(written_paths_args(), Path("keys.txt"), inputs)
 
     with pytest.raises(UsageError, match="named as --since-last's state file"):
-        check_report_paths(written_paths_args(), tmp_path / "x" / STATE_NAME, inputs)
+        check_written_paths(written_paths_args(), tmp_path / "x" / STATE_NAME, inputs)
 
     same = written_paths_args(report=tmp_path / "r", prometheus=tmp_path / "r")
     with pytest.raises(UsageError, match=r"--prometheus .* is the --report file"):
-        check_report_paths(same, output, inputs)
+        check_written_paths(same, output, inputs)
 
 
 def test_plan_needs_no_output_even_beside_a_folder_named_plan(tmp_path: Path) -> None:
