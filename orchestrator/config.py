@@ -650,14 +650,20 @@ _HIGHEST = {
 }
 
 
+# A timeout below a tenth of a second only fails healthy requests over and over.
+_LOWEST = {"connect_timeout_seconds": 0.1, "read_timeout_seconds": 0.1}
+
+
 def _build_dataclass(kind: type[_T], values: Mapping[str, Any]) -> _T:
     known = {item.name for item in dataclasses.fields(kind)}  # type: ignore[arg-type]
     chosen = {key: value for key, value in values.items() if key in known}
     for key, value in chosen.items():
-        highest = _HIGHEST[key]
-        if not _finite_positive(value) or value > highest:
+        lowest, highest = _LOWEST.get(key), _HIGHEST[key]
+        too_low = value < lowest if lowest is not None else False
+        if not _finite_positive(value) or too_low or value > highest:
+            least = f"from {lowest:g}" if lowest is not None else "above 0"
             raise UsageError(
-                f"{key} {value!r} is out of range: use a number above 0, at most "
+                f"{key} {value!r} is out of range: use a number {least}, at most "
                 f"{highest:g}"
             )
 

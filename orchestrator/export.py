@@ -128,7 +128,7 @@ def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowR
     """The windows ``--redo`` names: ``failed``, or ranges ``START/END`` (overlap)."""
     chosen: list[WindowRecord] = []
     now = dt.datetime.now(dt.UTC)
-    for choice in choices:
+    for choice in (given.strip() for given in choices):
         if choice == "failed":
             chosen += [r for r in manifest.windows if r.state == FAILED]
             continue
@@ -142,6 +142,11 @@ def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowR
 
         start = parse_time(start_text, now=now, name="--redo start")
         end = parse_time(end_text, now=now, name="--redo end")
+        if end <= start:
+            raise UsageError(
+                f"--redo {choice!r}: its end is not after its start; write START/END"
+            )
+
         found = [
             r for r in manifest.windows if r.window.start < end and start < r.window.end
         ]

@@ -305,6 +305,7 @@ def test_an_output_name_too_long_for_its_state_files_is_refused() -> None:
         ),
         ("[retry]\nbackoff_initial_seconds = 1e308", "retry.backoff_initial_seconds"),
         ("[http]\nread_timeout_seconds = 1e308", "at most 86400"),
+        ("[http]\nread_timeout_seconds = 1e-300", "use a number from 0.1, at most"),
         ("[export]\nhistory_lag_fallback_seconds = 1e300", "at most 2.592e+06"),
         (
             "[retry]\nbackoff_initial_seconds = 60\nbackoff_max_seconds = 10",

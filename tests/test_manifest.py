@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from orchestrator import merger, parts
-from orchestrator.errors import ManifestError
+from orchestrator.errors import ManifestError, UsageError
+from orchestrator.export import select_windows
 from orchestrator.manifest import (
     DONE,
     FAILED,
@@ -430,3 +431,15 @@ def test_a_manifest_nested_too_deeply_is_damaged_with_a_way_out(
 
     with pytest.raises(ManifestError, match=r"damaged.*--restart"):
         Manifest.load(paths.manifest)
+
+
+def test_redo_choices_are_read_as_written_or_refused_by_name(tmp_path: Path) -> None:
+    manifest, _ = new_manifest(tmp_path)
+    manifest.windows[1].state = FAILED
+
+    assert select_windows(manifest, (" failed ",)) == [manifest.windows[1]]
+    second = "2026-11-03T01:00Z/2026-11-03T02:00Z"
+    assert select_windows(manifest, (second,)) == [manifest.windows[1]]
+
+    with pytest.raises(UsageError, match="its end is not after its start"):
+        select_windows(manifest, ("2026-11-03T02:00Z/2026-11-03T01:00Z",))
