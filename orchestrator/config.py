@@ -561,14 +561,22 @@ def _flush_bytes(merged: Mapping[str, Any]) -> int:
 def _positive(
     merged: Mapping[str, Any], name: str, default: float, highest: float = math.inf
 ) -> float:
-    value = merged.get(name, default)
-    if not _finite_positive(value) or value > highest:
+    return float(_in_range(name, merged.get(name, default), highest=highest))
+
+
+def _in_range(
+    name: str, value: Any, *, lowest: float = 0, highest: float = math.inf
+) -> Any:
+    """``value`` if it is a finite number above 0, at least ``lowest`` (when above
+    0) and at most ``highest``; else a UsageError saying so."""
+    if not _finite_positive(value) or value < lowest or value > highest:
+        least = f"from {lowest:g}" if lowest else "above 0"
         upto = f", at most {highest:g}" if math.isfinite(highest) else ""
         raise UsageError(
-            f"{name} {value!r} is out of range: use a number above 0{upto}"
+            f"{name} {value!r} is out of range: use a number {least}{upto}"
         )
 
-    return float(value)
+    return value
 
 
 def _finite_positive(value: Any) -> bool:
@@ -658,14 +666,7 @@ def _build_dataclass(kind: type[_T], values: Mapping[str, Any]) -> _T:
     known = {item.name for item in dataclasses.fields(kind)}  # type: ignore[arg-type]
     chosen = {key: value for key, value in values.items() if key in known}
     for key, value in chosen.items():
-        lowest, highest = _LOWEST.get(key), _HIGHEST[key]
-        too_low = value < lowest if lowest is not None else False
-        if not _finite_positive(value) or too_low or value > highest:
-            least = f"from {lowest:g}" if lowest is not None else "above 0"
-            raise UsageError(
-                f"{key} {value!r} is out of range: use a number {least}, at most "
-                f"{highest:g}"
-            )
+        _in_range(key, value, lowest=_LOWEST.get(key, 0), highest=_HIGHEST[key])
 
     return kind(**chosen)
 

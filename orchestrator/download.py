@@ -178,7 +178,7 @@ class JourneyHistoryClient:
             if response.status == 204:
                 return _empty_part(path)
 
-            await self._raise_for_status(response)
+            await _raise_for_status(response, keys=len(self._request.contact_keys))
             info, boundary_seen = await self._stream(window, response, path)
 
         if boundary_seen:
@@ -313,23 +313,6 @@ class JourneyHistoryClient:
             finally:
                 response.release()
 
-    async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
-        """As the module's, but a 413 to a request carrying contact keys is about
-        the request, not the window: splitting the window cannot help."""
-        try:
-            await _raise_for_status(response)
-        except TooLargeError as error:
-            keys = len(self._request.contact_keys)
-            if error.status != 413 or not keys:
-                raise
-
-            raise PermanentError(
-                f"{error.message}: the request itself is too large for the server "
-                f"({keys:,} contact keys in each); split the contact keys file and "
-                "export each part to a file of its own",
-                status=413,
-            ) from None
-
     def _query(self) -> dict[str, str]:
         return {
             "format": self._request.format,
@@ -399,8 +382,10 @@ def _empty_part(path: Path) -> PartInfo:
     return writer.finish()
 
 
-async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
-    """Raise the error an unsuccessful answer stands for."""
+async def _raise_for_status(response: aiohttp.ClientResponse, *, keys: int = 0) -> None:
+    """Raise the error an unsuccessful answer stands for. A 413 to a request that
+    carries ``keys`` contact keys is about the request, not the window: splitting
+    the window cannot help."""
     status = response.status
     if 200 <= status < 300:
         return
@@ -418,6 +403,15 @@ async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
 
     if status in RETRYABLE_STATUSES:
         raise RetryableError(described, status=status, errorcode=code)
+
+    if status == 413 and keys:
+        raise PermanentError(
+            f"{described}: the request itself is too large for the server "
+            f"({keys:,} contact keys in each); split the contact keys file and "
+            "export each part to a file of its own",
+            status=status,
+            errorcode=code,
+        )
 
     if status == 413 or (status == 400 and _TOO_LARGE.search(message)):
         raise TooLargeError(described, status=status, errorcode=code)

@@ -28,7 +28,7 @@ from orchestrator.manifest import (
     WindowRecord,
 )
 from orchestrator.merger import Assembler
-from orchestrator.planner import Window, plan_windows
+from orchestrator.planner import plan_windows
 from orchestrator.timeparse import iso, parse_time
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,20 @@ def retention_cutoff(now: dt.datetime) -> dt.datetime:
     return now - dt.timedelta(days=sfmc.RETENTION_DAYS) - RETENTION_SLACK
 
 
+def _refuse_past_retention(
+    start: dt.datetime, end: dt.datetime, cutoff: dt.datetime
+) -> None:
+    """Refuse a span that starts before ``cutoff``, naming the part that is gone."""
+    if start >= cutoff:
+        return
+
+    raise UsageError(
+        f"{iso(start)} to {iso(min(cutoff, end))} is past SFMC's "
+        f"{sfmc.RETENTION_DAYS}-day retention and is gone; start at or after "
+        f"{iso(cutoff)}, or add --retained-only to export only what is retained"
+    )
+
+
 def check_retention(
     manifest: Manifest, settings: RunSettings, now: dt.datetime
 ) -> None:
@@ -182,15 +196,11 @@ def check_retention(
     if not reaching:
         return
 
-    lost_end = min(cutoff, reaching[-1].window.end)
-    lost = f"{iso(reaching[0].window.start)} to {iso(lost_end)}"
+    first, last = reaching[0].window.start, reaching[-1].window.end
     if not settings.retained_only:
-        raise UsageError(
-            f"{lost} is past SFMC's {sfmc.RETENTION_DAYS}-day retention and is gone; "
-            f"start at or after {iso(cutoff)}, or add --retained-only to export only "
-            "what is retained"
-        )
+        _refuse_past_retention(first, last, cutoff)
 
+    lost = f"{iso(first)} to {iso(min(cutoff, last))}"
     gone = [r for r in reaching if r.window.end <= cutoff]
     if not gone:  # already left out, or only part of one window's span is gone
         return
@@ -270,7 +280,7 @@ def _new_manifest(
     now: dt.datetime,
 ) -> Manifest:
     if not settings.retained_only:  # refuse before planning what may be years
-        check_retention(_bare_manifest(settings, paths, identity), settings, now)
+        _refuse_past_retention(settings.start, settings.end, retention_cutoff(now))
 
     windows = plan_windows(settings.start, settings.end, settings.window)
     manifest = Manifest(paths.manifest, identity, [WindowRecord(w) for w in windows])
@@ -278,14 +288,6 @@ def _new_manifest(
     _discard_state(paths)
     manifest.save()
     return manifest
-
-
-def _bare_manifest(
-    settings: RunSettings, paths: ExportPaths, identity: dict[str, object]
-) -> Manifest:
-    """A manifest of the range as one window: enough to check the retention."""
-    whole = Window(settings.start, settings.end)
-    return Manifest(paths.manifest, identity, [WindowRecord(whole)])
 
 
 def _check_same_request(

@@ -287,11 +287,14 @@ def last_row(path: Path, *, most: int = 1024 * 1024) -> bytes:
         stream.seek(max(0, size - most))
         tail = stream.read()
 
-    start = len(tail)
+    end, quotes = len(tail), 0
     while True:  # back over newlines until the quotes after one are balanced
-        start = tail.rfind(b"\n", 0, start)
-        if start < 0 or tail.count(b'"', start + 1) % 2 == 0:
+        start = tail.rfind(b"\n", 0, end)
+        quotes += tail.count(b'"', start + 1, end)
+        if start < 0 or quotes % 2 == 0:
             return tail[start + 1 :]
+
+        end = start
 
 
 def iter_rows(path: Path) -> Iterator[bytes]:

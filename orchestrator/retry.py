@@ -7,6 +7,7 @@ waits are pure functions of the attempt so tests can check them without sleeping
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -161,21 +162,20 @@ async def ask_a_few_times(
     rng: random.Random | None = None,
 ) -> _T:
     """Await ``call`` up to ``attempts`` times while it raises RetryableError, for a
-    request that is only a help (an estimate): a throttled answer pauses every
-    worker, as a download's does. The last error is raised."""
-    rng = rng or random.Random()
-    for attempt in range(1, attempts + 1):
-        await gate.wait()
-        try:
+    request that is only a help (an estimate): the window's policy with fewer
+    attempts, and a throttled answer pauses every worker, as a download's does. The
+    last error is raised."""
+    limited = dataclasses.replace(settings, max_attempts=attempts)
+    policy = RetryPolicy(limited, sleep=sleep, rng=rng)
+
+    def pause_if_throttled(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, ThrottledError):
+            gate.pause(state.upcoming_sleep)
+
+    async for attempt in policy.retrying(on_retry=pause_if_throttled):
+        with attempt:
+            await gate.wait()
             return await call()
-        except RetryableError as error:
-            if attempt == attempts:
-                raise
 
-            wait = backoff_seconds(settings, attempt, error, rng)
-            if isinstance(error, ThrottledError):
-                gate.pause(wait)
-            else:
-                await sleep(wait)
-
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    raise AssertionError("unreachable: tenacity reraises the last error")

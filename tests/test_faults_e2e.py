@@ -80,6 +80,22 @@ def done_behind_the_first(manifest: Manifest) -> int:
     return -1 if finished[0] else sum(finished)
 
 
+def before_the_second_windows_append(
+    patched: pytest.MonkeyPatch, act: Callable[[Path], None]
+) -> list[WindowRecord]:
+    """Run ``act`` on the second window's part once, just before it is appended;
+    the list returned gets that window's record."""
+    acted: list[WindowRecord] = []
+
+    def once(assembler: Assembler, record: WindowRecord) -> None:
+        if not acted and record is assembler.manifest.windows[1]:
+            act(assembler.paths.part(record.window))
+            acted.append(record)
+
+    before_each_append(patched, once)
+    return acted
+
+
 def sandbox_with(faults: str, **changes: Any) -> SandboxServer:
     settings = SandboxSettings(rows_per_hour=60, faults=parse_faults(faults), **changes)
     return SandboxServer(settings)
@@ -524,19 +540,14 @@ async def test_a_part_removed_during_the_run_fails_its_window(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "o.csv"
-    removed: list[str] = []
-
-    def remove_a_part(assembler: Assembler, record: WindowRecord) -> None:
-        if not removed and record is assembler.manifest.windows[1]:
-            assembler.paths.part(record.window).unlink()
-            removed.append(record.window.key)
-
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
         with monkeypatch.context() as patched:
-            before_each_append(patched, remove_a_part)
+            acted = before_the_second_windows_append(patched, Path.unlink)
             first, start = await export_with(sandbox, output)
 
         second, _ = await export_with(sandbox, output)
+
+    removed = [record.window.key for record in acted]
 
     assert list(first.failed) == removed
     assert "changed on disk" in first.failed[removed[0]]
@@ -550,20 +561,18 @@ async def test_a_directory_in_place_of_a_part_stops_the_run_with_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "o.csv"
-    blocked: list[Path] = []
 
-    def block_a_part(assembler: Assembler, record: WindowRecord) -> None:
-        part = assembler.paths.part(record.window)
-        if not blocked and record is assembler.manifest.windows[1]:
-            part.unlink()
-            (part / "something").mkdir(parents=True)
-            blocked.append(part)
+    def block(part: Path) -> None:
+        part.unlink()
+        (part / "something").mkdir(parents=True)
 
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
         with monkeypatch.context() as patched:
-            before_each_append(patched, block_a_part)
+            acted = before_the_second_windows_append(patched, block)
             with pytest.raises(StateWriteError, match="remove it and rerun"):
                 await export_with(sandbox, output)
+
+        blocked = [ExportPaths(output).part(record.window) for record in acted]
 
         with pytest.raises(StateWriteError, match="remove it and rerun"):
             await export_with(sandbox, output)  # still there: the same clear stop
