@@ -14,6 +14,7 @@ output's name only when every window is in it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -48,6 +49,9 @@ from orchestrator.planner import Window
 logger = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
+KERNEL_COPY = 1 << 30  # bytes asked of one copy_file_range call
+# What copy_file_range answers where the kernel or filesystem cannot copy.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
 GZIP_LEVEL = 6
 
 
@@ -296,7 +300,11 @@ class Assembler:
             with self._open_part(record) as source:
                 same = FileIdentity.of(os.fstat(source.fileno())) == whole
                 checked = _Checked(record, hashing=not same)
-                self._write(output, checked.blocks(source))
+                if same and not self._gzip:
+                    output.flush()
+                    checked.copy(source, output)
+                else:
+                    self._write(output, checked.blocks(source))
 
             output.flush()
             checked.verify()
@@ -306,7 +314,7 @@ class Assembler:
         """The partial output, opened to append at its recorded end: bytes left by
         an append that failed half-way are cut off; bytes missing are an error,
         never padded."""
-        output = open_private(self.paths.partial, append=True)
+        output = open_private(self.paths.partial, keep=True)
         found = os.fstat(output.fileno()).st_size
         if found < self._size:
             output.close()
@@ -315,6 +323,7 @@ class Assembler:
         if found > self._size:
             output.truncate(self._size)
 
+        output.seek(self._size)
         return output
 
     def _open_part(self, record: WindowRecord) -> io.BufferedReader:
@@ -486,11 +495,44 @@ class _Checked:
             self._size += read
             yield block
 
+    def copy(self, source: io.BufferedReader, output: BinaryIO) -> None:
+        """Copy the rest of ``source`` to ``output``'s position inside the kernel
+        (``copy_file_range``: no round trip through Python); read and write in
+        blocks where the filesystem cannot. Both must have nothing buffered."""
+        assert self._digest is None, "a copy inside the kernel is never hashed"
+        self._size += _copy_in_kernel(source.fileno(), output.fileno())
+        for block in self.blocks(source):  # what the kernel did not copy, if any
+            output.write(block)
+
     def verify(self) -> None:
         record, digest = self._record, self._digest
         hash_differs = digest is not None and digest.hexdigest() != record.sha256
         if self._size != record.bytes or hash_differs:
             raise PartChangedError(record)
+
+
+def _copy_in_kernel(source: int, target: int) -> int:
+    """Copy from ``source``'s position to its end into ``target``; return the bytes
+    copied, which stop short (at 0 at worst) where the kernel cannot copy between
+    these files."""
+    if not hasattr(os, "copy_file_range"):  # Linux only
+        return 0
+
+    copied = 0
+    while True:
+        try:
+            count = os.copy_file_range(source, target, KERNEL_COPY)
+        except OSError as error:
+            if error.errno not in _NO_KERNEL_COPY:
+                raise
+
+            logger.debug("copy_file_range refused (%s): copying in blocks", error)
+            return copied
+
+        if count == 0:
+            return copied
+
+        copied += count
 
 
 def _remove(part: Path) -> None:

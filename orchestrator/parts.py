@@ -74,12 +74,13 @@ class PartInfo:
     written: FileIdentity | None = None
 
 
-def open_private(path: Path, *, append: bool = False) -> io.BufferedWriter:
-    """Open a file for writing, readable by its owner only, whatever the umask."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+def open_private(path: Path, *, keep: bool = False) -> io.BufferedWriter:
+    """Open a file for writing at its start, readable by its owner only, whatever
+    the umask; emptied unless ``keep``."""
+    flags = os.O_WRONLY | os.O_CREAT | (0 if keep else os.O_TRUNC)
     descriptor = os.open(path, flags, PRIVATE)
     os.fchmod(descriptor, PRIVATE)
-    return os.fdopen(descriptor, "ab" if append else "wb")
+    return os.fdopen(descriptor, "wb")
 
 
 def fsync_directory(path: Path) -> None:

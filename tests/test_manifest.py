@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
+import os
 import stat
 from pathlib import Path
 from types import SimpleNamespace
@@ -345,6 +347,79 @@ def test_a_part_vouched_for_is_copied_without_hashing_it_again(
 
     assembler.flush()
     assert paths.partial.read_bytes() == b"A,B\n1,x\n"
+
+
+def vouched_parts(tmp_path: Path) -> tuple[Manifest, ExportPaths, Assembler]:
+    """Three windows whose parts were written and hashed in this process."""
+    manifest, paths = new_manifest(tmp_path)
+    assembler = reconciled(manifest, paths)
+    for number, record in enumerate(manifest.windows, 1):
+        info = finish_part(paths, record, b"A,B\n%d,x\n" % number)
+        assembler.mark_whole(record, info.written)
+
+    return manifest, paths, assembler
+
+
+def test_a_part_vouched_for_is_copied_by_the_kernel_after_any_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest, paths, assembler = vouched_parts(tmp_path)
+    copies: list[int] = []
+    kernel_copy = os.copy_file_range
+
+    def counted(source: int, target: int, count: int) -> int:
+        copies.append(copied := kernel_copy(source, target, count))
+        return copied
+
+    monkeypatch.setattr(os, "copy_file_range", counted)
+    first, second, third = assembler.ready()
+    assembler.appended(first, assembler.append(first))
+    with paths.partial.open("ab") as partial:
+        partial.write(b"2,half-")  # what a disk that filled up left
+
+    assembler.appended(second, assembler.append(second))
+    assembler.appended(third, assembler.append(third))
+    assembler.flush()
+
+    assert paths.partial.read_bytes() == b"A,B\n1,x\n2,x\n3,x\n"
+    assert sum(copies) == len(b"1,x\n2,x\n3,x\n")
+
+
+@pytest.mark.parametrize("before_refusing", [0, 2])
+def test_a_kernel_refusing_to_copy_leaves_the_copy_to_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before_refusing: int
+) -> None:
+    _, paths, assembler = vouched_parts(tmp_path)
+    kernel_copy = os.copy_file_range
+    calls: list[int] = []
+
+    def refusing(source: int, target: int, count: int) -> int:
+        calls.append(count)
+        if len(calls) == 1 and before_refusing:
+            return kernel_copy(source, target, before_refusing)
+
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refusing)
+    assemble(assembler)
+    assembler.publish()
+
+    assert calls
+    assert paths.output.read_bytes() == b"A,B\n1,x\n2,x\n3,x\n"
+
+
+def test_a_kernel_copy_failing_otherwise_fails_the_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, assembler = vouched_parts(tmp_path)
+
+    def disk_full(source: int, target: int, count: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", disk_full)
+    [first, *_] = assembler.ready()
+    with pytest.raises(OSError, match="No space left"):
+        assembler.append(first)
 
 
 def test_a_part_replaced_before_it_is_vouched_for_is_not_appended(
