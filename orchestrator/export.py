@@ -68,7 +68,7 @@ def _lock_output(settings: RunSettings, paths: ExportPaths) -> OutputLock:
     """Hold the output's lock; a folder we cannot write in is a usage error."""
     try:
         settings.output.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return OutputLock(paths.lock).__enter__()
+        return OutputLock(paths.lock, state=paths.manifest).__enter__()
     except OSError as error:
         raise UsageError(
             f"cannot write beside {settings.output} ({error.strerror}); choose an "

@@ -12,17 +12,34 @@ from orchestrator.parts import PRIVATE
 
 
 class OutputLock:
-    """An exclusive ``flock`` on ``<output>.lock``, released when the process ends."""
+    """An exclusive ``flock`` on ``<output>.lock``, released when the process ends.
 
-    def __init__(self, path: Path) -> None:
+    With ``state`` given, the lock file is removed on release if that file does not
+    exist: a run refused before it saved anything leaves no file behind. It is
+    removed while still locked, and a run that locks a file no longer at the lock's
+    path tries again, so two runs never hold two different lock files.
+    """
+
+    def __init__(self, path: Path, *, state: Path | None = None) -> None:
         self.path = path
+        self._state = state
         self._descriptor: int | None = None
 
     def __enter__(self) -> OutputLock:
         if self._descriptor is not None:
             return self  # already held: entering again is a no-op
 
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE)
+        while self._descriptor is None:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE)
+            self._take(descriptor)
+            if _same_file(descriptor, self.path):
+                self._descriptor = descriptor
+            else:
+                os.close(descriptor)  # removed by its last holder: lock the new one
+
+        return self
+
+    def _take(self, descriptor: int) -> None:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -32,16 +49,28 @@ class OutputLock:
                 "wait for it to finish, or stop it, then run again"
             ) from None
 
-        self._descriptor = descriptor
-        return self
-
     def __exit__(
         self,
         kind: type[BaseException] | None,
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._descriptor is not None:
-            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
-            os.close(self._descriptor)
-            self._descriptor = None
+        if self._descriptor is None:
+            return
+
+        if self._state is not None and not self._state.exists():
+            self.path.unlink(missing_ok=True)
+
+        fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+        os.close(self._descriptor)
+        self._descriptor = None
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return False
+
+    held = os.fstat(descriptor)
+    return (held.st_dev, held.st_ino) == (found.st_dev, found.st_ino)

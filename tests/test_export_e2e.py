@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import itertools
+import os
 import stat
 from pathlib import Path
 from typing import Literal
@@ -190,6 +192,33 @@ async def test_existing_file_without_a_manifest_is_not_overwritten(
                 run_settings(output, start, start + HOUR), credentials_for(sandbox)
             )
     assert output.read_bytes() == b"precious\n"
+    assert os.listdir(tmp_path) == ["out.csv"]  # no lock file left behind
+
+
+def test_a_lock_file_removed_by_its_last_holder_is_not_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "out.csv.lock"
+    first = OutputLock(path, state=tmp_path / "out.csv.manifest.json").__enter__()
+    take = fcntl.flock
+    calls: list[int] = []
+
+    def released_meanwhile(descriptor: int, operation: int) -> None:
+        # The first run lets go (removing its file) between the second's open
+        # and its flock: the second then holds a file that is no longer there.
+        calls.append(operation)
+        if len(calls) == 1:
+            first.__exit__(None, None, None)  # its own unlock comes back here
+        take(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", released_meanwhile)
+    second = OutputLock(path).__enter__()
+    monkeypatch.setattr(fcntl, "flock", take)
+
+    with pytest.raises(LockHeldError, match="another run"):
+        OutputLock(path).__enter__()
+    second.__exit__(None, None, None)
+    assert path.exists()  # no state file given: the lock file stays
 
 
 async def test_a_held_lock_stops_a_second_run(tmp_path: Path) -> None:

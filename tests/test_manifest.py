@@ -363,7 +363,7 @@ def vouched_parts(tmp_path: Path) -> tuple[Manifest, ExportPaths, Assembler]:
 def test_a_part_vouched_for_is_copied_by_the_kernel_after_any_cut_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manifest, paths, assembler = vouched_parts(tmp_path)
+    _, paths, assembler = vouched_parts(tmp_path)
     copies: list[int] = []
     kernel_copy = os.copy_file_range
 
