@@ -23,6 +23,7 @@ from orchestrator.export import (
     ExportResult,
     Hooks,
     estimate_windows,
+    retained_windows,
     run_export,
 )
 from orchestrator.incremental import (
@@ -33,7 +34,7 @@ from orchestrator.incremental import (
     state_file_of,
 )
 from orchestrator.manifest import ExportPaths, Manifest
-from orchestrator.planner import Window, plan_windows
+from orchestrator.planner import Window
 from orchestrator.reporting import (
     Progress,
     ProgressDisplay,
@@ -399,15 +400,17 @@ def command_plan(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     options = {**options_of(args), "output": args.output or os.devnull}  # unused
     settings = build_settings(options, config, now=_now())
+    windows = retained_windows(settings, _now())
     if args.ask_estimates:
         credentials = load_credentials(os.environ, config, args.config)
-        planned = run_interruptible(lambda: estimate_windows(settings, credentials))
+        planned = run_interruptible(
+            lambda: estimate_windows(settings, credentials, windows)
+        )
         print_estimates(
             planned, settings.cap_bytes, compressed=settings.compression != "none"
         )
         return int(ExitCode.OK)
 
-    windows = plan_windows(settings.start, settings.end, settings.window)
     for window in windows:
         minutes = window.span.total_seconds() / 60
         print(f"{window.key}\t{minutes:g} min")

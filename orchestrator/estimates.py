@@ -12,7 +12,7 @@ from orchestrator.config import RunSettings
 from orchestrator.credentials import Credentials
 from orchestrator.download import Estimate, JourneyHistoryClient
 from orchestrator.errors import WindowError
-from orchestrator.planner import Window, plan_windows
+from orchestrator.planner import Window
 from orchestrator.session import open_session
 
 logger = logging.getLogger(__name__)
@@ -40,11 +40,11 @@ async def history_lag(credentials: Credentials, settings: RunSettings) -> float:
 async def estimate_windows(
     settings: RunSettings,
     credentials: Credentials,
+    windows: list[Window],
     *,
     ssl_context: ssl.SSLContext | None = None,
 ) -> list[tuple[Window, Estimate | None]]:
-    """Each planned window with its estimate, None where failed or unreadable."""
-    windows = plan_windows(settings.start, settings.end, settings.window)
+    """Each of ``windows`` with its estimate, None where failed or unreadable."""
     found: dict[Window, Estimate | None] = {}
     limiter = anyio.CapacityLimiter(settings.concurrency)
     async with open_session(settings, ssl_context) as session:

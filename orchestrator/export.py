@@ -28,7 +28,7 @@ from orchestrator.manifest import (
     WindowRecord,
 )
 from orchestrator.merger import Assembler
-from orchestrator.planner import plan_windows
+from orchestrator.planner import Window, plan_windows
 from orchestrator.timeparse import iso, parse_time
 
 logger = logging.getLogger(__name__)
@@ -186,6 +186,38 @@ def _refuse_past_retention(
     )
 
 
+def retained_windows(settings: RunSettings, now: dt.datetime) -> list[Window]:
+    """The windows a new run of ``settings`` would request: as :func:`check_retention`
+    leaves them (refused, or with those past retention dropped)."""
+    cutoff = retention_cutoff(now)
+    if not settings.retained_only:  # refuse before planning what may be years
+        _refuse_past_retention(settings.start, settings.end, cutoff)
+
+    windows = plan_windows(settings.start, settings.end, settings.window)
+    kept = [window for window in windows if window.end > cutoff]
+    if not kept:
+        _refuse_all_past_retention(settings.start, settings.end, cutoff)
+
+    if len(kept) < len(windows):
+        logger.warning(
+            "--retained-only: %s to %s is past retention; not planned",
+            iso(settings.start),
+            iso(kept[0].start),
+        )
+
+    return kept
+
+
+def _refuse_all_past_retention(
+    start: dt.datetime, end: dt.datetime, cutoff: dt.datetime
+) -> None:
+    raise UsageError(
+        f"all of {iso(start)} to {iso(end)} is past SFMC's "
+        f"{sfmc.RETENTION_DAYS}-day retention: nothing is left to export; start at "
+        f"or after {iso(cutoff)}"
+    )
+
+
 def check_retention(
     manifest: Manifest, settings: RunSettings, now: dt.datetime
 ) -> None:
@@ -206,10 +238,7 @@ def check_retention(
         return
 
     if len(gone) == len(manifest.windows):
-        raise UsageError(
-            f"all of {lost} is past SFMC's {sfmc.RETENTION_DAYS}-day retention: "
-            f"nothing is left to export; start at or after {iso(cutoff)}"
-        )
+        _refuse_all_past_retention(first, min(cutoff, last), cutoff)
 
     gone_ids = {id(record) for record in gone}
     manifest.windows[:] = [r for r in manifest.windows if id(r) not in gone_ids]
@@ -349,4 +378,11 @@ def _discard_state(paths: ExportPaths) -> None:
             part.unlink()
 
 
-__all__ = ["ExportResult", "Hooks", "estimate_windows", "history_lag", "run_export"]
+__all__ = [
+    "ExportResult",
+    "Hooks",
+    "estimate_windows",
+    "history_lag",
+    "retained_windows",
+    "run_export",
+]

@@ -24,6 +24,8 @@ from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.sandbox import History
 from tests.conftest import HOUR, expected_output, hour_now
 
+MINUTE = dt.timedelta(minutes=1)
+
 PYTHON = [sys.executable, "-m", "orchestrator"]
 
 
@@ -127,15 +129,38 @@ def test_unknown_column_exits_2_with_a_suggestion(tmp_path: Path) -> None:
     assert "did you mean ContactKey" in done.stderr
 
 
+def utc_text(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def test_plan_prints_the_windows_and_requests_nothing() -> None:
+    start = hour_now() - 5 * HOUR + dt.timedelta(minutes=30)
     done = journey_export(
-        "plan", "--start", "2026-11-03T05:30:00Z", "--end", "2026-11-03T08:00:00Z"
+        "plan", "--start", utc_text(start), "--end", utc_text(start + 150 * MINUTE)
     )
 
     assert done.returncode == 0
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("2026-11-03T05:30:00Z/2026-11-03T06:00:00Z")
+    assert lines[0].startswith(f"{utc_text(start)}/{utc_text(start + 30 * MINUTE)}")
     assert lines[-1] == "3 windows"
+
+
+def test_plan_refuses_what_a_run_refuses_past_retention() -> None:
+    start = hour_now() - 31 * 24 * HOUR
+    dates = ("--start", utc_text(start), "--end", utc_text(start + 48 * HOUR))
+    refused = journey_export("plan", *dates)
+    retained = journey_export("plan", *dates, "--retained-only")
+
+    assert refused.returncode == 2
+    assert "30-day retention" in refused.stderr
+    assert "--retained-only" in refused.stderr
+    assert retained.returncode == 0, retained.stderr
+    windows = retained.stdout.splitlines()[:-1]
+    first = dt.datetime.strptime(windows[0][:20], "%Y-%m-%dT%H:%M:%SZ")
+    assert first.replace(tzinfo=dt.UTC) >= hour_now() - 30 * 24 * HOUR - HOUR
+    assert retained.stdout.splitlines()[-1] == f"{len(windows)} windows"
+    assert 20 <= len(windows) <= 26
+    assert "not planned" in retained.stderr
 
 
 def test_values_lists_documented_names() -> None:
