@@ -7,7 +7,8 @@ import datetime as dt
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ from orchestrator.incremental import (
     record_end,
     state_file_of,
 )
+from orchestrator.launch import json_logs_asked, tell_the_end
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.planner import Window
 from orchestrator.reporting import (
@@ -57,6 +59,9 @@ _OPTION_NAMES = (
     *("min_window", "retained_only", "ca_bundle", "allow_domain", "max_duration"),
     *("redo", "since_last", "state_file", "gzip", "flush_mb"),
 )
+
+
+STOPPED_AT_ONCE = "stopped at once; state is kept, rerun the same command"
 
 
 class Interrupted(JourneyExportError):
@@ -309,15 +314,24 @@ async def _redraw(display: ProgressDisplay, progress: Progress, limit: int) -> N
 
 
 def run_interruptible(job: Callable[[], Awaitable[_T]]) -> _T:
-    """Run ``job`` until it ends or SIGINT/SIGTERM arrives (then raise Interrupted)."""
+    """Run ``job`` until it ends or SIGINT/SIGTERM arrives (then raise Interrupted).
+
+    A second signal while the job stops ends the process at once, exit code 130:
+    what is recorded is as safe as after a kill (every state file is replaced
+    whole), and the rerun goes on from it.
+    """
     outcome: list[_T] = []
     signals_seen: list[int] = []
 
     async def supervise() -> None:
-        async with anyio.create_task_group() as group:
-            group.start_soon(_watch_signals, group.cancel_scope, signals_seen)
-            outcome.append(await job())
-            group.cancel_scope.cancel()
+        stop = anyio.CancelScope()
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_watch_signals, signals, stop, signals_seen)
+                with stop:
+                    outcome.append(await job())
+
+                group.cancel_scope.cancel()
 
     try:
         anyio.run(supervise)
@@ -346,13 +360,26 @@ def _unwrapped(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group
 
 
-async def _watch_signals(scope: anyio.CancelScope, seen: list[int]) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            logger.warning("signal %d: stopping; windows in flight are dropped", signum)
-            seen.append(int(signum))
-            scope.cancel()
-            return
+async def _watch_signals(
+    signals: AsyncIterator[int], stop: anyio.CancelScope, seen: list[int]
+) -> None:
+    async for signum in signals:
+        if seen:
+            _stop_at_once(int(signum))
+
+        logger.warning("signal %d: stopping; windows in flight are dropped", signum)
+        seen.append(int(signum))
+        stop.cancel()
+
+
+def _stop_at_once(signum: int) -> None:
+    """End the process now, as a second signal while stopping asks."""
+    line = f"journey-export: signal {signum} again while stopping: {STOPPED_AT_ONCE}"
+    tell_the_end(line, ExitCode.INTERRUPTED, as_json=json_logs_asked())
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+
+    os._exit(ExitCode.INTERRUPTED)
 
 
 def summary_line(result: ExportResult) -> str:

@@ -9,6 +9,7 @@ bare kill. Nothing has been written to the output by then.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import signal
 import sys
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def json_logs_asked(argv: Sequence[str] | None = None) -> bool:
     """Whether the command line asks for --log-format json (read before parsing)."""
     given = list(sys.argv[1:] if argv is None else argv)
-    pairs = zip(given, [*given[1:], ""], strict=True)
+    pairs = itertools.pairwise(given)
     return "--log-format=json" in given or ("--log-format", "json") in pairs
 
 

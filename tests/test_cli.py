@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.commands import check_written_paths, inputs_of
+from orchestrator.commands import STOPPED_AT_ONCE, check_written_paths, inputs_of
 from orchestrator.errors import UsageError
 from orchestrator.incremental import STATE_NAME
+from orchestrator.launch import json_logs_asked
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.sandbox import History
 from tests.conftest import HOUR, expected_output, hour_now
@@ -238,6 +239,57 @@ def test_sigterm_exits_130_and_the_rerun_completes(tmp_path: Path) -> None:
 
     history = History(7, 50)
     assert output.read_bytes() == expected_output(history, end - 12 * HOUR, end)
+
+
+@pytest.mark.parametrize(
+    ("argv", "asked"),
+    [
+        ([], False),
+        (["--log-format"], False),
+        (["--log-format", "json"], True),
+        (["--log-format=json", "run"], True),
+        (["run", "--log-format", "text"], False),
+    ],
+)
+def test_json_logs_are_seen_before_parsing(argv: list[str], asked: bool) -> None:
+    assert json_logs_asked(argv) is asked
+
+
+# A job whose stopping hangs: the second signal must end the process at once.
+HANGING_STOP = """
+import anyio
+from orchestrator.commands import run_interruptible
+
+async def job():
+    try:
+        print("running", flush=True)
+        await anyio.sleep(60)
+    finally:
+        with anyio.CancelScope(shield=True):
+            print("stopping", flush=True)
+            await anyio.sleep(60)
+
+run_interruptible(job)
+"""
+
+
+def test_a_second_signal_while_stopping_exits_130_at_once() -> None:
+    job = subprocess.Popen(
+        [sys.executable, "-c", HANGING_STOP],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert job.stdout is not None
+    assert job.stdout.readline() == "running\n"
+    job.send_signal(signal.SIGTERM)
+    assert job.stdout.readline() == "stopping\n"
+    job.send_signal(signal.SIGINT)
+
+    assert job.wait(20) == 130
+    assert job.stderr is not None
+    last = job.stderr.read().splitlines()[-1]
+    assert last == f"journey-export: signal 2 again while stopping: {STOPPED_AT_ONCE}"
 
 
 # --flush-mb 0.001: the output is flushed, and windows recorded as merged, after
