@@ -44,7 +44,9 @@ def json_logs_asked(argv: Sequence[str] | None = None) -> bool:
 
 def tell_the_end(line: str, code: int, *, as_json: bool) -> None:
     """The last line on stderr: plain, or under --log-format json one more JSON
-    object with the log's keys, ``event`` "exit" and the exit code."""
+    object with the log's keys, ``event`` "exit" and the exit code. Characters that
+    would break the line (a newline in a file name) are shown escaped."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
     if not as_json:
         print(line, file=sys.stderr)
         return

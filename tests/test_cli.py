@@ -255,6 +255,15 @@ def test_json_logs_are_seen_before_parsing(argv: list[str], asked: bool) -> None
     assert json_logs_asked(argv) is asked
 
 
+def test_a_newline_in_a_path_does_not_break_the_error_line(tmp_path: Path) -> None:
+    config = tmp_path / "a\nb.toml"
+    done = journey_export("run", "--config", str(config), *range_args(1, tmp_path))
+
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "a\\nb.toml: no such file" in done.stderr
+
+
 # A job whose stopping hangs: the second signal must end the process at once.
 HANGING_STOP = """
 import anyio
