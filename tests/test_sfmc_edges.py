@@ -14,7 +14,7 @@ from orchestrator.config import ExportRequest
 from orchestrator.errors import UsageError
 from orchestrator.export import Hooks, run_export
 from orchestrator.manifest import ExportPaths, Manifest
-from orchestrator.sandbox import SandboxServer, SandboxSettings
+from orchestrator.sandbox import History, SandboxServer, SandboxSettings
 from orchestrator.timeparse import to_millis
 from tests.conftest import (
     HOUR,
@@ -214,22 +214,42 @@ async def test_retained_only_refuses_a_range_wholly_past_retention(
     assert not (tmp_path / "o.csv").exists()
 
 
+def cut_inside_a_row(history: History) -> tuple[dt.datetime, int]:
+    """An hour, and a server cap that cuts its body a few bytes into a row (the
+    row then lacks fields), while both halves of the hour fit under that cap."""
+    columns = ExportRequest().columns
+
+    def body(start: dt.datetime, end: dt.datetime) -> bytes:
+        return history.window(to_millis(start), to_millis(end), columns, "csv").body
+
+    for back in range(3, 24 * 20):
+        start = hour_now() - back * HOUR
+        whole = body(start, start + HOUR)
+        halves = body(start, start + HOUR / 2), body(start + HOUR / 2, start + HOUR)
+        row = whole.find(b"\n", max(map(len, halves))) + 1  # the next row starts
+        if 0 < row < len(whole) - 10:
+            return start, row + 5
+
+    raise AssertionError("no hour whose body can be cut so")
+
+
 async def test_a_body_cut_below_our_cap_is_caught_by_its_unfinished_last_row(
     tmp_path: Path,
 ) -> None:
-    settings = SandboxSettings(rows_per_hour=200, cap_bytes=6_000, cap_behaviour="cut")
+    start, cap = cut_inside_a_row(History(7, 200))
+    settings = SandboxSettings(rows_per_hour=200, cap_bytes=cap, cap_behaviour="cut")
     async with SandboxServer(settings) as sandbox:
-        start = busy_start(sandbox)
-        end = start + 3 * HOUR
         output = tmp_path / "o.csv"
         result = await export(
-            sandbox, output, start, end, estimate=False, compression="none"
+            sandbox, output, start, start + HOUR, estimate=False, compression="none"
         )
+        downloads = sum(sandbox.stats.downloads.values())
 
     manifest = Manifest.load(ExportPaths(output).manifest)
     assert result.complete
-    assert len(manifest.windows) > 3  # split, as for a cut at our own cap
-    assert output.read_bytes() == expected_output(sandbox.history, start, end)
+    assert downloads == 3  # cut once, then each half whole
+    assert len(manifest.windows) == 2  # split, as for a cut at our own cap
+    assert output.read_bytes() == expected_output(sandbox.history, start, start + HOUR)
 
 
 async def test_a_request_too_large_for_the_server_fails_without_splitting(
