@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from orchestrator.config import ExportRequest, build_request, build_settings
+from orchestrator.config import ExportRequest, RunSettings, build_settings
 from orchestrator.credentials import Credentials
 from orchestrator.errors import ManifestError, UsageError
 from orchestrator.estimates import history_lag
@@ -23,7 +23,7 @@ from orchestrator.export import request_identity
 from orchestrator.job import ExportResult
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.reporting import write_atomically
-from orchestrator.timeparse import iso, parse_duration, parse_time
+from orchestrator.timeparse import iso, parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ STATE_NAME = "journey-export.state.json"
 
 
 def request_key(request: ExportRequest, window: dt.timedelta) -> str:
-    """A digest naming the request: format, columns, filters and window span."""
+    """A digest naming the request: format, columns, filters and window span (as
+    the run resolves them, from flags or the config file)."""
     identity = {**request.identity(), "window_seconds": window.total_seconds()}
     canonical = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -130,21 +131,19 @@ def plan_since_last(
     An export that completed without its end being recorded (a stop between the two)
     is found by its output name and recorded now, so the run goes on after it.
     """
-    if options.get("last") or options.get("end"):
-        raise UsageError("--since-last sets the range itself: drop --last and --end")
-
-    span = parse_duration(str(options.get("window") or "1h"), name="window")
-    key = request_key(build_request(options, config), span)
+    first = _first_start(options, config)
+    probe = build_settings({**options, "start": "-1h", "end": "now"}, config, now=now)
+    key = request_key(probe.request, probe.window)
     path = state_file_of(options, config)
     start = last_end(read_state(path), key, path=path)
-    if start is None and not options.get("start"):
+    if start is None and first is None:
         raise UsageError(
             f"--since-last: no complete export of this request is recorded in {path}; "
-            "give --start for the first run"
+            "give --start (or export.start) for the first run"
         )
 
-    end = _end(options, config, credentials, now)
-    begin = iso(start) if start else str(options["start"])
+    end = _end(probe, credentials, now)
+    begin = iso(start) if start else str(first)
     begin = _skip_unrecorded(
         options, config, state=path, key=key, begin=begin, end=end, now=now
     )
@@ -155,13 +154,25 @@ def plan_since_last(
     return SinceLast(chosen, path, key, begin)
 
 
-def _end(
-    options: dict[str, Any],
-    config: Mapping[str, Any],
-    credentials: Credentials,
-    now: dt.datetime,
-) -> dt.datetime:
-    probe = build_settings({**options, "start": "-1h", "end": "now"}, config, now=now)
+def _first_start(options: Mapping[str, Any], config: Mapping[str, Any]) -> Any:
+    """The start of the first run (--start, else export.start), or None; a fixed end
+    (--end, --last, or the same keys of the config file) is refused."""
+    if options.get("last") or options.get("end"):
+        raise UsageError("--since-last sets the range itself: drop --last and --end")
+
+    export = config.get("export", {})
+    for key in ("end", "last"):
+        if key in export:
+            source = getattr(config, "source", None) or "file"
+            raise UsageError(
+                f"config {source}: export.{key}: --since-last sets the range itself; "
+                "remove the key, or give --since-last runs a config of their own"
+            )
+
+    return options.get("start") or export.get("start")
+
+
+def _end(probe: RunSettings, credentials: Credentials, now: dt.datetime) -> dt.datetime:
     lag = anyio.run(history_lag, credentials, probe)
     return (now - dt.timedelta(seconds=lag)).replace(second=0, microsecond=0)
 

@@ -133,7 +133,7 @@ def test_since_last_continues_where_the_last_export_ended(
 
     refused = journey_export("run", "--since-last", "--output", template, env=env)
     assert refused.returncode == 2
-    assert "give --start for the first run" in refused.stderr
+    assert "give --start (or export.start) for the first run" in refused.stderr
 
     first = journey_export(
         "run", "--since-last", "--start", first_start, "--output", template, env=env
@@ -150,6 +150,45 @@ def test_since_last_continues_where_the_last_export_ended(
     assert len(outputs) in (1, 2)  # a second file when a minute has passed
     if len(outputs) == 2:
         assert outputs[1].name == f"journey_{end:%Y%m%dT%H%M}.csv"
+
+
+def test_since_last_takes_the_config_files_start_and_window(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    env = env_for(sandbox_port)
+    template = str(tmp_path / "journey_{start:%Y%m%dT%H%M}.csv")
+    start = (hour_now() - 4 * HOUR).isoformat()
+    configs = {}
+    for name, window in (("a", "30m"), ("b", "15m")):
+        configs[name] = tmp_path / f"{name}.toml"
+        configs[name].write_text(f'[export]\nstart = "{start}"\nwindow = "{window}"\n')
+
+    def since_last(config: Path) -> subprocess.CompletedProcess[str]:
+        return journey_export(
+            "run", "--config", str(config), "--since-last", "--output", template,
+            env=env,
+        )  # fmt: skip
+
+    first = since_last(configs["a"])
+    assert first.returncode == 0, first.stderr
+    assert "windows" in first.stdout
+    [output] = tmp_path.glob("journey_*.csv")
+    assert output.name == f"journey_{hour_now() - 4 * HOUR:%Y%m%dT%H%M}.csv"
+    manifest = Manifest.load(ExportPaths(output).manifest)
+    assert manifest.windows[0].window.span == dt.timedelta(minutes=30)
+
+    # Another window span is another request: its chain starts at export.start.
+    other = since_last(configs["b"])
+    assert other.returncode == 2
+    assert f"{output} already holds" in other.stderr
+
+    configs["a"].write_text(configs["a"].read_text() + 'end = "now"\n')
+    refused = since_last(configs["a"])
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1
+    assert f"config {configs['a']}: export.end: --since-last sets the range" in (
+        refused.stderr
+    )
 
 
 def test_max_duration_stops_with_exit_5_and_the_rerun_finishes(
