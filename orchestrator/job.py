@@ -198,9 +198,14 @@ class ExportJob:
         if not self.estimates_usable or not fresh:
             return
 
-        async with anyio.create_task_group() as group:
-            for record in fresh:
-                group.start_soon(self._estimate_one, record)
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        with anyio.move_on_after(left) as budget:
+            async with anyio.create_task_group() as group:
+                for record in fresh:
+                    group.start_soon(self._estimate_one, record)
+
+        if budget.cancelled_caught:  # the downloads then stop at once, out of time
+            logger.warning("the time budget (--max-duration) ran out while estimating")
 
     async def _estimate_one(self, record: WindowRecord) -> None:
         assert self.client is not None

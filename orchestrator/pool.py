@@ -127,7 +127,9 @@ class WindowPool:
         self._group.cancel_scope.cancel()
 
     async def _attempts(self, record: WindowRecord) -> PartInfo:
-        retrying = self._policy.retrying(on_retry=self._on_retry(record))
+        retrying = self._policy.retrying(
+            on_retry=self._on_retry(record), until=self._deadline
+        )
         async for attempt in retrying:
             with attempt:
                 return await self._attempt(record)
@@ -135,9 +137,9 @@ class WindowPool:
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _attempt(self, record: WindowRecord) -> PartInfo:
-        await self._gate.wait()
+        await self._gate.wait(until=self._deadline)
         async with self._limiter:
-            await self._gate.wait()
+            await self._gate.wait(until=self._deadline)
             if self._deadline is not None and time.monotonic() >= self._deadline:
                 raise OutOfTime
 

@@ -50,11 +50,13 @@ class ThrottleGate:
             self._resume_at = resume_at
             self.pauses += 1
 
-    async def wait(self) -> None:
-        """Sleep until the pause is over, plus a little jitter so workers spread out."""
+    async def wait(self, *, until: float | None = None) -> None:
+        """Sleep until the pause is over, plus a little jitter so workers spread out;
+        never past ``until`` (a time of the clock), if given."""
         remaining = self._resume_at - self._clock()
         if remaining > 0:
-            await self._sleep(remaining + self._rng.uniform(0, min(1.0, remaining / 4)))
+            pause = remaining + self._rng.uniform(0, min(1.0, remaining / 4))
+            await self._sleep(_within(pause, until, self._clock))
 
 
 class AdaptiveLimiter:
@@ -129,13 +131,22 @@ class RetryPolicy:
         self._rng = rng or random.Random()
 
     def retrying(
-        self, on_retry: Callable[[tenacity.RetryCallState], None]
+        self,
+        on_retry: Callable[[tenacity.RetryCallState], None],
+        *,
+        until: float | None = None,
     ) -> tenacity.AsyncRetrying:
+        """Retry while RetryableError is raised; no wait goes past ``until`` (a time
+        of ``time.monotonic``), if given: the next attempt then finds it passed."""
+
+        async def sleep(seconds: float) -> None:
+            await self._sleep(_within(seconds, until, time.monotonic))
+
         return tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(RetryableError),
             wait=self._wait,
             stop=self._stop,
-            sleep=self._sleep,
+            sleep=sleep,
             before_sleep=on_retry,
             reraise=True,
         )
@@ -150,6 +161,11 @@ class RetryPolicy:
 
         upcoming = state.upcoming_sleep or 0.0
         return state.idle_for + upcoming > self.settings.max_wait_seconds
+
+
+def _within(seconds: float, until: float | None, clock: Callable[[], float]) -> float:
+    """``seconds``, cut short so as to end by ``until`` if given (never below 0)."""
+    return seconds if until is None else max(0.0, min(seconds, until - clock()))
 
 
 async def ask_a_few_times(

@@ -184,6 +184,31 @@ async def test_token_endpoint_errors_are_retried(tmp_path: Path) -> None:
     assert sandbox.stats.token_requests == 2
 
 
+@pytest.mark.parametrize("estimate", [True, False])
+async def test_the_time_budget_bounds_every_wait(
+    tmp_path: Path, estimate: bool
+) -> None:
+    # Every call is throttled for 30 s: only the budget can end the waits (for the
+    # estimates; or for the shared pause and the retry of the first download).
+    async with sandbox_with("throttle=1.0,retry_after=30") as sandbox:
+        start = find_range_with_empty_hour(sandbox.history, hours=3)
+        settings = run_settings(
+            tmp_path / "o.csv",
+            start,
+            start + 3 * HOUR,
+            concurrency=1,
+            estimate=estimate,
+            max_duration=dt.timedelta(seconds=1),
+        )
+        with anyio.fail_after(20):
+            result = await run_export(settings, credentials_for(sandbox))
+
+    assert result.out_of_time
+    assert not result.failed
+    downloads = sum(sandbox.stats.downloads.values())
+    assert downloads == (0 if estimate else 1)
+
+
 async def test_a_concurrency_cap_halves_our_concurrency(tmp_path: Path) -> None:
     sandbox = SandboxServer(
         SandboxSettings(
