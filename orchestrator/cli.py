@@ -1,8 +1,8 @@
 """The ``journey-export`` command line: its flags, its logging, its exit codes.
 
-Only this module configures logging and turns errors into exit codes (see
-``orchestrator.errors.ExitCode`` and the README). The commands live in
-``orchestrator.commands``.
+This module configures logging and turns errors into exit codes (see
+``orchestrator.errors.ExitCode`` and the README), as ``orchestrator.launch`` does for
+what happens before it is imported; the commands live in ``orchestrator.commands``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ EPILOG = (
     "5 time budget spent (rerun to go on), 130 interrupted (rerun to go on)"
 )
 SHORT_EPILOG = (
-    "exit codes: 0 done, 2 bad usage or input, 3 credentials rejected (plan --estimate)"
+    "exit codes: 0 done, 2 bad usage or input; with plan --estimate also 1 token "
+    "endpoint unreachable, 3 credentials rejected, 130 interrupted"
 )
 _TIME_FLAGS = frozenset({"--start", "--end", "--last", "--window", "--max-duration"})
 
@@ -228,9 +229,18 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     add("--columns", help="comma-separated column names (default: SFMC's 8)")
     add("--window", help="window span: 1h (default), 30m, 15m ...")
     add("--concurrency", type=int, help="downloads at once (default 5)")
-    add("--compression", choices=["gzip", "deflate", "none"], help="default gzip")
+    add(
+        "--compression",
+        choices=["gzip", "deflate", "none"],
+        help="encoding asked of SFMC for the download (default gzip; --gzip is the "
+        "output's)",
+    )
     add("--ca-bundle", help="PEM file of CAs to verify TLS with (SSL_CERT_FILE works)")
-    add("--allow-domain", action="append", help="also trust REST URLs on this domain")
+    add(
+        "--allow-domain",
+        action="append",
+        help="also trust auth and REST URLs on this domain (added to the config's)",
+    )
     add("--safety-cap-mb", type=float, help="split windows above this (default 900)")
     add("--min-window", help="never split a window below this span (default 1m)")
     _flag(parser, "--allow-unknown-values", "send values the documented lists lack")

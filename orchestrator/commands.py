@@ -46,6 +46,7 @@ from orchestrator.reporting import (
     write_atomically,
     write_report,
 )
+from orchestrator.timeparse import iso
 
 logger = logging.getLogger(__name__)
 
@@ -504,7 +505,14 @@ def command_status(args: argparse.Namespace) -> int:
         print("  ".join([*cells, row[5]]).rstrip())
 
     print(status_summary(manifest))
+    print(f"range: --start {_given(manifest, 'start')} --end {_given(manifest, 'end')}")
     return int(ExitCode.OK)
+
+
+def _given(manifest: Manifest, key: str) -> str:
+    """The request's start or end as a flag takes it (UTC, ``Z``)."""
+    moment = dt.datetime.fromisoformat(str(manifest.request[key]))
+    return iso(moment)
 
 
 def status_summary(manifest: Manifest) -> str:

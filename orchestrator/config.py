@@ -1,6 +1,7 @@
 """Build a run's settings once, from the TOML config and the flags.
 
-Flags override the config file; credentials come only from the environment. Every
+Flags override the config file; credentials are not read here (``credentials``: the
+environment, then the config's credentials file). Every
 problem is a ``UsageError`` naming the file, the key or the flag, and what is allowed.
 """
 
@@ -46,7 +47,6 @@ _T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
-# The config file's keys by section, each with the type its value must have.
 MAX_KEY_LENGTH = 1024
 
 

@@ -61,7 +61,10 @@ def add_commands(commands: Any) -> None:
         "--hours",
         type=int,
         default=DEMO_HOURS,
-        help=f"how many hours before now to export, 1 to 696 (default {DEMO_HOURS})",
+        help=(
+            "how many hours to export, ending at the last full hour, 1 to 696 "
+            f"(default {DEMO_HOURS})"
+        ),
     )
     demo.set_defaults(handler=command_demo)
 

@@ -113,7 +113,7 @@ class Estimate:
     compressed_bytes: int | None
 
     def size(self, *, compressed: bool) -> int:
-        """The size to compare with the download cap: compressed if asked for."""
+        """The size to compare with the safety cap: compressed if asked for."""
         if compressed and self.compressed_bytes is not None:
             return self.compressed_bytes
 
@@ -202,7 +202,8 @@ class JourneyHistoryClient:
                 received += len(chunk)
                 if received >= self._cap_bytes:
                     raise TooLargeError(
-                        f"the body reached the {self._cap_bytes:,}-byte download cap"
+                        f"the body reached the {self._cap_bytes:,}-byte safety cap "
+                        "(--safety-cap-mb)"
                     )
 
                 if writer.take(decoder.decode(chunk)):

@@ -120,4 +120,5 @@ class PermanentError(WindowError):
 
 
 class TooLargeError(PermanentError):
-    """The window's body reached the download cap; it must be split to be exported."""
+    """The window's body reached our safety cap, or was cut by the server at its own:
+    the window must be split to be exported."""

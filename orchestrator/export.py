@@ -350,7 +350,7 @@ def _check_same_request(
             f"{paths.output} already holds a complete export of "
             f"{manifest.request['start']} to {manifest.request['end']} ({shown} "
             "differ); choose another --output (with --since-last, name outputs to "
-            "the minute: {start:%Y%m%dT%H%M}), or delete that file and its "
+            "the minute: {start:%Y%m%dT%H%MZ}), or delete that file and its "
             ".manifest.json to replace it"
         )
 

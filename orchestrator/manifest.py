@@ -5,7 +5,8 @@ It lives beside the output as ``<output>.manifest.json`` and is replaced atomica
 content tells a damaged manifest from a good one.
 
 A window's state moves ``pending`` -> ``done`` (its part is on disk) -> ``merged``
-(its rows are in the output being assembled, and its part is gone). ``failed`` is a
+(its rows are in the output being assembled, flushed to disk, and its part deleted
+unless ``--keep-parts``). ``failed`` is a
 window whose last attempt failed; a rerun requests it again.
 """
 

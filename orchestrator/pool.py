@@ -1,7 +1,9 @@
 """The worker pool: download windows concurrently, each with its own retries.
 
-One window's failure never cancels the others. Cancellation (Ctrl-C, SIGTERM, a time
-budget) is not a failure: it passes through untouched and leaves the window pending.
+One window's failure never cancels the others. Cancellation (Ctrl-C, SIGTERM) is not
+a failure: it passes through untouched and leaves the window pending. A spent time
+budget starts no new attempt (``OutOfTime``): windows in flight finish, the rest
+stay pending.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ class WindowPool:
                     "event": "retry",
                     "window": record.window.key,
                     "attempt": state.attempt_number,
-                    "reason": str(error),
+                    "error": str(error),
                     "wait_seconds": round(state.upcoming_sleep, 3),
                 },
             )

@@ -181,7 +181,7 @@ def test_run_then_status(tmp_path: Path, sandbox_port: int) -> None:
 
     status = journey_export("status", "--output", str(output))
     assert status.returncode == 0
-    assert status.stdout.splitlines()[-1].startswith("complete: 3 windows (3 merged)")
+    assert status.stdout.splitlines()[-2].startswith("complete: 3 windows (3 merged)")
 
 
 def test_credentials_rejected_exit_3(tmp_path: Path, sandbox_port: int) -> None:

@@ -31,6 +31,7 @@ from orchestrator.job import ExportResult
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.reporting import Progress, progress_line
 from orchestrator.sandbox import History
+from orchestrator.timeparse import iso
 from tests.conftest import HOUR, expected_output, hour_now
 from tests.test_cli import env_for, journey_export, range_args, start_sandbox
 
@@ -284,7 +285,8 @@ def test_status_prints_an_aligned_table(tmp_path: Path, sandbox_port: int) -> No
         "error",
     ]
     assert lines[1].index("merged") == lines[0].index("state")
-    assert lines[-1].startswith("complete: 2 windows (2 merged)")
+    assert lines[-2].startswith("complete: 2 windows (2 merged)")
+    assert lines[-1] == f"range: --start {iso(end - 2 * HOUR)} --end {iso(end)}"
 
 
 def test_progress_is_drawn_only_on_a_terminal(
