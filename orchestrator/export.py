@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import reprlib
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ async def run_export(
     _warn_without_time_column(settings)
     paths = ExportPaths(settings.output)
 
+    check_state_files(paths)
     with _lock_output(settings, paths):
         manifest = open_manifest(settings, paths, hooks.now())
         assembler = _assembler(manifest, paths, settings)
@@ -66,6 +68,20 @@ def _warn_without_time_column(settings: RunSettings) -> None:
 
 def _lock_output(settings: RunSettings, paths: ExportPaths) -> OutputLock:
     """Hold the output's lock; a folder we cannot write in is a usage error."""
+    folder = settings.output.parent
+    blocking = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    if not blocking.is_dir():
+        raise UsageError(
+            f"cannot write --output {settings.output}: {blocking} is a file, not a "
+            "folder; choose an --output in a folder"
+        )
+
+    if paths.lock.exists() and not paths.lock.is_file():
+        raise UsageError(
+            f"{paths.lock} is not a regular file, and this export keeps its lock "
+            "there: move it away and rerun"
+        )
+
     try:
         settings.output.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         return OutputLock(paths.lock, state=paths.manifest).__enter__()
@@ -365,17 +381,54 @@ def _discard_state(paths: ExportPaths) -> None:
     """Remove an earlier export's state; its published output, if any, stays until
     the new export replaces it."""
     for path in (paths.manifest, paths.partial):
-        if path.is_dir():
-            raise UsageError(
-                f"{path} is a folder where this export keeps a file: move it away "
-                "and rerun"
-            )
-
         path.unlink(missing_ok=True)
 
-    if paths.parts.exists():
-        for part in paths.parts.iterdir():
-            part.unlink()
+    own, _ = paths.part_files()  # anything else was refused by check_state_files
+    for part in own:
+        part.unlink()
+
+
+def check_state_files(paths: ExportPaths) -> None:
+    """Refuse what stands where the export keeps its files and is not one of them:
+    they would be deleted, or make every run fail the same way."""
+    output = paths.output
+    if output.parent.name.endswith(".parts"):
+        raise UsageError(
+            f"--output {output} is in a folder named like an export's parts folder "
+            "(*.parts), whose files an export deletes: choose another folder"
+        )
+
+    if output.exists() and not output.is_file():
+        raise UsageError(
+            f"--output {output} exists and is not a regular file (a folder, a device "
+            "or a pipe): name a regular file"
+        )
+
+    for path in (paths.manifest, paths.partial):
+        if path.exists() and not path.is_file():
+            raise UsageError(
+                f"{path} is not a regular file, and this export keeps one there: "
+                "move it away and rerun"
+            )
+
+    _check_parts_folder(paths)
+
+
+def _check_parts_folder(paths: ExportPaths) -> None:
+    if paths.parts.exists() and not paths.parts.is_dir():
+        raise UsageError(
+            f"{paths.parts} is not a folder, and this export keeps its parts there: "
+            "move it away and rerun"
+        )
+
+    _, other = paths.part_files()
+    if other:
+        shown = ", ".join(reprlib.repr(entry.name) for entry in other[:3])
+        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+        raise UsageError(
+            f"{paths.parts} holds files this export did not write ({shown}{more}), "
+            "which it would delete: move them away and rerun"
+        )
 
 
 __all__ = [

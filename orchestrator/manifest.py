@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ DONE = "done"
 MERGED = "merged"
 FAILED = "failed"
 STATES = (PENDING, DONE, MERGED, FAILED)
+
+
+# A part, a download cut short (.tmp) and a boundary pass cut short (.kept).
+PART_NAME = re.compile(r"\d{8}T\d{6}Z_\d{8}T\d{6}Z\.(part|tmp)(\.kept)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,21 @@ class ExportPaths:
     def part(self, window: Window) -> Path:
         name = f"{window.start:%Y%m%dT%H%M%S}Z_{window.end:%Y%m%dT%H%M%S}Z.part"
         return self.parts / name
+
+    def part_files(self) -> tuple[list[Path], list[Path]]:
+        """What the parts folder holds: the files named as this tool names its parts
+        (and their temporary forms), and anything else."""
+        if not self.parts.is_dir():
+            return [], []
+
+        own: list[Path] = []
+        other: list[Path] = []
+        for entry in sorted(self.parts.iterdir()):
+            named = PART_NAME.fullmatch(entry.name) is not None
+            mine = named and entry.is_file() and not entry.is_symlink()
+            (own if mine else other).append(entry)
+
+        return own, other
 
     def _beside(self, suffix: str) -> Path:
         return self.output.with_name(self.output.name + suffix)

@@ -14,12 +14,12 @@ output's name only when every window is in it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import logging
 import os
-import shutil
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -108,9 +108,10 @@ class Assembler:
     def reconcile(self) -> None:
         """Bring files and manifest into agreement after a stop at any moment."""
         self.paths.parts.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-        # *.tmp: a download cut short; *.tmp.kept: a boundary pass cut short.
-        for leftover in self.paths.parts.glob("*.tmp*"):
-            leftover.unlink()
+        own, _ = self.paths.part_files()
+        for leftover in own:  # a download or a boundary pass cut short
+            if not leftover.name.endswith(".part"):
+                leftover.unlink()
 
         self._reconcile_partial()
         self._reconcile_parts()
@@ -437,7 +438,7 @@ class Assembler:
         self.manifest.complete = True
         self.manifest.save()
         if not self._keep_parts:
-            shutil.rmtree(self.paths.parts, ignore_errors=True)
+            _remove_parts_folder(self.paths)
 
     def append_header_only(self) -> None:
         with open_private(self.paths.partial) as output:
@@ -533,6 +534,18 @@ def _copy_in_kernel(source: int, target: int) -> int:
             return copied
 
         copied += count
+
+
+def _remove_parts_folder(paths: ExportPaths) -> None:
+    """Delete the parts left (their rows are in the published output) and the
+    folder; only files named as parts are deleted, and a folder holding anything
+    else stays."""
+    own, _ = paths.part_files()
+    for part in own:
+        part.unlink(missing_ok=True)
+
+    with contextlib.suppress(OSError):
+        paths.parts.rmdir()
 
 
 def _remove(part: Path) -> None:

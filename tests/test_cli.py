@@ -264,6 +264,88 @@ def test_a_newline_in_a_path_does_not_break_the_error_line(tmp_path: Path) -> No
     assert "a\\nb.toml: no such file" in done.stderr
 
 
+def write_file(path: Path) -> Path:
+    path.write_text("x")
+    return path
+
+
+def make_folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def make_pipe(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def foreign_file_in_parts(output: Path) -> Path:
+    (folder := ExportPaths(output).parts).mkdir()
+    (kept := folder / "notes.txt").write_text("precious")
+    return kept
+
+
+STATE_IN_THE_WAY = {
+    "foreign file in parts": (foreign_file_in_parts, "holds files this export did not"),
+    "parts is a file": (
+        lambda out: write_file(ExportPaths(out).parts),
+        "is not a folder, and this export keeps its parts there",
+    ),
+    "partial is a folder": (
+        lambda out: make_folder(ExportPaths(out).partial),
+        "is not a regular file, and this export keeps one there",
+    ),
+    "lock is a folder": (
+        lambda out: make_folder(ExportPaths(out).lock),
+        "is not a regular file, and this export keeps its lock there",
+    ),
+    "output is a pipe": (
+        make_pipe,
+        "exists and is not a regular file",
+    ),
+}
+
+
+@pytest.mark.parametrize("restart", [(), ("--restart",)])
+@pytest.mark.parametrize("case", sorted(STATE_IN_THE_WAY))
+def test_what_stands_where_an_export_keeps_its_files_is_refused(
+    tmp_path: Path, case: str, restart: tuple[str, ...]
+) -> None:
+    output = tmp_path / "o.csv"
+    make, message = STATE_IN_THE_WAY[case]
+    kept = make(output)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+
+    done = journey_export("run", *range_args(1, output), *restart, env=env_for(9))
+
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing deleted
+    assert kept.exists()
+
+
+@pytest.mark.parametrize("inside", ["o.csv.parts", "any.parts"])
+def test_an_output_in_a_parts_folder_is_refused(tmp_path: Path, inside: str) -> None:
+    (tmp_path / inside).mkdir()
+    done = journey_export(
+        "run", *range_args(1, tmp_path / inside / "z.csv"), env=env_for(9)
+    )
+
+    assert done.returncode == 2
+    assert "named like an export's parts folder" in done.stderr
+
+
+def test_an_output_under_a_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    done = journey_export(
+        "run", *range_args(1, tmp_path / "afile" / "x.csv"), env=env_for(9)
+    )
+
+    assert done.returncode == 2
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in done.stderr
+
+
 # A job whose stopping hangs: the second signal must end the process at once.
 HANGING_STOP = """
 import anyio

@@ -288,7 +288,8 @@ def test_paths_sit_beside_the_output(tmp_path: Path) -> None:
 def test_reconcile_removes_unfinished_temporary_files(tmp_path: Path) -> None:
     manifest, paths = new_manifest(tmp_path)
     paths.parts.mkdir()
-    for name in ("a.tmp", "a.tmp.kept"):
+    stem = paths.part(manifest.windows[0].window).stem
+    for name in (f"{stem}.tmp", f"{stem}.tmp.kept"):
         (paths.parts / name).write_bytes(b"half")
 
     reconciled(manifest, paths)
