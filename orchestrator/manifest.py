@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -181,7 +182,7 @@ class Manifest:
 
     @classmethod
     def _from_content(cls, path: Path, content: dict[str, Any]) -> Manifest:
-        return cls(
+        manifest = cls(
             path=path,
             request=content["request"],
             windows=[WindowRecord.from_json(item) for item in content["windows"]],
@@ -190,6 +191,8 @@ class Manifest:
             complete=bool(content["complete"]),
             extra=dict(content.get("extra", {})),
         )
+        _check_tiling(manifest)
+        return manifest
 
     def checkpoint(self, *, every: float = 1.0) -> None:
         """Save now if the last save is ``every`` seconds old, else at the next one.
@@ -263,6 +266,28 @@ class Manifest:
         """Rows and bytes of the windows done or merged."""
         finished = [r for r in self.windows if r.state in (DONE, MERGED)]
         return sum(r.rows for r in finished), sum(r.bytes for r in finished)
+
+
+def _check_tiling(manifest: Manifest) -> None:
+    """Raise ValueError unless the windows cover the request's range once each, with
+    no gap and no overlap (only a start dropped as past retention may be missing)."""
+    if not isinstance(manifest.request, dict):
+        raise ValueError("its request is not an object")
+
+    if manifest.merged_bytes < 0:
+        raise ValueError("its merged size is negative")
+
+    start = dt.datetime.fromisoformat(str(manifest.request["start"]))
+    end = dt.datetime.fromisoformat(str(manifest.request["end"]))
+    spans = sorted((r.window.start, r.window.end) for r in manifest.windows)
+    if not spans:
+        raise ValueError("it has no windows")
+
+    expired = bool(manifest.extra.get("expired"))
+    starts_right = spans[0][0] == start or (expired and spans[0][0] > start)
+    joined = all(left[1] == right[0] for left, right in itertools.pairwise(spans))
+    if not (starts_right and joined and spans[-1][1] == end):
+        raise ValueError("its windows do not cover its range once each")
 
 
 def _digest(content: dict[str, Any]) -> str:

@@ -32,12 +32,10 @@ START = dt.datetime(2026, 11, 3, tzinfo=dt.UTC)
 
 def new_manifest(tmp_path: Path, hours: int = 3) -> tuple[Manifest, ExportPaths]:
     paths = ExportPaths(tmp_path / "out.csv")
-    windows = plan_windows(
-        START, START + dt.timedelta(hours=hours), dt.timedelta(hours=1)
-    )
-    manifest = Manifest(
-        paths.manifest, {"format": "csv"}, [WindowRecord(w) for w in windows]
-    )
+    end = START + dt.timedelta(hours=hours)
+    windows = plan_windows(START, end, dt.timedelta(hours=1))
+    request = {"format": "csv", "start": START.isoformat(), "end": end.isoformat()}
+    manifest = Manifest(paths.manifest, request, [WindowRecord(w) for w in windows])
     manifest.save()
     return manifest, paths
 
@@ -51,7 +49,7 @@ def test_manifest_round_trips_and_is_private(tmp_path: Path) -> None:
     loaded = Manifest.load(paths.manifest)
 
     assert loaded.windows == manifest.windows
-    assert loaded.request == {"format": "csv"}
+    assert loaded.request == manifest.request
     assert stat.S_IMODE(paths.manifest.stat().st_mode) == 0o600
 
 
@@ -71,6 +69,41 @@ def test_edited_manifest_fails_its_checksum(tmp_path: Path) -> None:
     paths.manifest.write_text(json.dumps(document))
 
     with pytest.raises(ManifestError, match="checksum"):
+        Manifest.load(paths.manifest)
+
+
+def drop_all(manifest: Manifest) -> None:
+    manifest.windows.clear()
+
+
+def drop_the_middle(manifest: Manifest) -> None:
+    del manifest.windows[1]
+
+
+def double_the_last(manifest: Manifest) -> None:
+    manifest.windows.append(WindowRecord(manifest.windows[-1].window))
+
+
+def no_request(manifest: Manifest) -> None:
+    setattr(manifest, "request", "x")  # noqa: B010 - the wrong type on purpose
+
+
+def negative_size(manifest: Manifest) -> None:
+    manifest.merged_bytes = -5
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [drop_all, drop_the_middle, double_the_last, no_request, negative_size],
+)
+def test_an_edited_manifest_with_a_fresh_checksum_is_still_refused(
+    tmp_path: Path, edit: Any
+) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    edit(manifest)
+    manifest.save()  # a checksum that matches the edit
+
+    with pytest.raises(ManifestError, match=r"is damaged .*--restart"):
         Manifest.load(paths.manifest)
 
 
