@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -149,10 +150,14 @@ def _check_writable(flag: str, path: Path) -> None:
     if not folder.is_dir():
         raise WrittenPathError(f"{flag} {path}: {folder} is a file, not a folder")
 
-    if not os.access(folder, os.W_OK | os.X_OK):
+    try:  # a real write: permissions alone do not tell (root, read-only mounts)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
         raise WrittenPathError(
-            f"{flag} {path}: cannot write in {folder}; choose a folder you can write to"
-        )
+            f"{flag} {path}: cannot write in {folder} ({error.strerror or error}); "
+            "choose a folder you can write to"
+        ) from None
 
 
 def _report_failure(args: argparse.Namespace, error: JourneyExportError) -> None:

@@ -346,6 +346,21 @@ def test_an_output_under_a_file_names_the_file(tmp_path: Path) -> None:
     assert f"{tmp_path / 'afile'} is a file, not a folder" in done.stderr
 
 
+@pytest.mark.parametrize("flag", ["--report", "--prometheus"])
+def test_a_report_no_one_can_write_is_refused_before_the_export(
+    tmp_path: Path, flag: str
+) -> None:
+    # Nobody, root included, creates files in /proc: only a real write tells.
+    output = tmp_path / "o.csv"
+    done = journey_export(
+        "run", *range_args(1, output), flag, "/proc/report.json", env=env_for(9)
+    )
+
+    assert done.returncode == 2
+    assert f"{flag} /proc/report.json: cannot write in /proc" in done.stderr
+    assert not output.exists()
+
+
 # A job whose stopping hangs: the second signal must end the process at once.
 HANGING_STOP = """
 import anyio
