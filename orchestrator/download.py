@@ -137,6 +137,9 @@ class JourneyHistoryClient:
         self._request = request
         self._compression = compression
         self._cap_bytes = cap_bytes
+        # Windows whose last body came whole in its framing but not in its
+        # compressed stream, with the bytes it held.
+        self._cut_streams: dict[Window, int] = {}
 
     async def download(self, window: Window, path: Path) -> PartInfo:
         """Stream ``window`` into ``path`` (a temporary name); raise a WindowError."""
@@ -210,12 +213,30 @@ class JourneyHistoryClient:
                     # Writing and hashing free the GIL: other windows read meanwhile.
                     await anyio.to_thread.run_sync(writer.store)
 
-            decoder.finish()
+            self._finish_stream(window, decoder, received)
             info = await anyio.to_thread.run_sync(writer.finish)
             return info, writer.boundary_seen
         except BaseException:
             writer.discard()
             raise
+
+    def _finish_stream(
+        self, window: Window, decoder: BodyDecoder, received: int
+    ) -> None:
+        """Check that a compressed stream ended; the same stream cut at the same size
+        twice, its framing whole, was cut by the server (a size limit): split."""
+        try:
+            decoder.finish()
+        except RetryableError:
+            if self._cut_streams.get(window) != received:
+                self._cut_streams[window] = received
+                raise
+
+            raise TooLargeError(
+                f"the server cut the {decoder.encoding} stream at the same "
+                f"{received:,} bytes twice, as at a size limit below --safety-cap-mb "
+                f"({self._cap_bytes:,} bytes): lower it to the server's limit"
+            ) from None
 
     def _redact(self, text: str) -> str:
         """Keep contact keys (personal data) out of error text the server echoed."""

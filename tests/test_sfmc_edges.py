@@ -101,6 +101,24 @@ async def test_a_download_reaching_the_cap_is_split_and_requested_again(
     assert output.read_bytes() == expected_output(sandbox.history, start, end)
 
 
+async def test_a_compressed_body_cut_at_the_same_size_twice_is_split(
+    tmp_path: Path,
+) -> None:
+    # The server's limit is far below our safety cap: its cuts, framing whole, end
+    # the gzip stream early at the same size on every attempt.
+    settings = SandboxSettings(rows_per_hour=200, cap_bytes=6_000, cap_behaviour="cut")
+    async with SandboxServer(settings) as sandbox:
+        start = busy_start(sandbox)
+        end = start + 3 * HOUR
+        output = tmp_path / "o.csv"
+        result = await export(sandbox, output, start, end, estimate=False)
+
+    manifest = Manifest.load(ExportPaths(output).manifest)
+    assert result.complete
+    assert len(manifest.windows) > 3
+    assert output.read_bytes() == expected_output(sandbox.history, start, end)
+
+
 async def test_a_window_that_cannot_be_split_further_fails_saying_so(
     tmp_path: Path,
 ) -> None:
