@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -87,12 +88,13 @@ class WrittenPathError(UsageError):
 
 
 def command_run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
     try:
         return _command_run(args)
     except WrittenPathError:
         raise
     except JourneyExportError as error:
-        _report_failure(args, error)
+        _report_failure(args, error, seconds=time.monotonic() - started)
         raise
 
 
@@ -160,20 +162,25 @@ def _check_writable(flag: str, path: Path) -> None:
         ) from None
 
 
-def _report_failure(args: argparse.Namespace, error: JourneyExportError) -> None:
-    """Leave a report of a run that ended with an error, for monitoring."""
+def _report_failure(
+    args: argparse.Namespace, error: JourneyExportError, *, seconds: float
+) -> None:
+    """Leave a report of a run that ended with an error, for monitoring: with what
+    the export's manifest holds when there is one (a run stopped by a signal)."""
     report = {
         "output": str(getattr(args, "output", "") or ""),
         "complete": False,
         "exit_code": int(error.exit_code),
         "error": str(error),
-        "seconds": 0.0,
+        "seconds": round(seconds, 3),
         "rows": 0,
         "bytes": 0,
         "windows": 0,
         "failed": [],
         "retries": 0,
         "throttled": 0,
+        "finished_at": _now().isoformat(),
+        **_recorded_so_far(args.output),
     }
     try:
         if args.report:
@@ -183,6 +190,33 @@ def _report_failure(args: argparse.Namespace, error: JourneyExportError) -> None
             write_atomically(args.prometheus, prometheus_text(report), mode=0o644)
     except OSError as problem:
         logger.error("cannot write the report: %s", problem)
+
+
+def _recorded_so_far(output: str | Path | None) -> dict[str, Any]:
+    """The range, windows, rows and bytes an export's manifest records; nothing when
+    there is no readable manifest (or the output is a template)."""
+    if not output or "{" in str(output):
+        return {}
+
+    manifest_path = ExportPaths(Path(output)).manifest
+    if not manifest_path.is_file():
+        return {}
+
+    try:
+        manifest = Manifest.load(manifest_path)
+    except JourneyExportError:
+        return {}
+
+    rows, size = manifest.totals()
+    counts = manifest.counts()
+    return {
+        "start": manifest.request.get("start"),
+        "end": manifest.request.get("end"),
+        "windows": len(manifest.windows),
+        "exported": counts["done"] + counts["merged"],
+        "rows": rows,
+        "bytes": size,
+    }
 
 
 def _command_run(args: argparse.Namespace) -> int:

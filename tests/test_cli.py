@@ -224,12 +224,20 @@ def test_sigterm_exits_130_and_the_rerun_completes(tmp_path: Path) -> None:
     end = hour_now() - 2 * HOUR
     try:
         output = tmp_path / "o.csv"
-        run = slow_run(output, port, 12, end)
+        report = tmp_path / "report.json"
+        run = slow_run(output, port, 12, end, "--report", str(report))
         wait_for_file(ExportPaths(output).manifest)  # the run has started
+        time.sleep(1)  # a window or two done
         run.send_signal(signal.SIGTERM)
         assert run.wait(30) == 130
         manifest = Manifest.load(ExportPaths(output).manifest)
         assert not manifest.complete
+        stopped = json.loads(report.read_text())
+        assert stopped["exit_code"] == 130
+        assert stopped["windows"] == 12
+        assert stopped["rows"] == manifest.totals()[0]
+        assert stopped["seconds"] > 0
+        assert stopped["start"] == (end - 12 * HOUR).isoformat()
 
         done = journey_export("run", *range_args(12, output, end), env=env_for(port))
         assert done.returncode == 0, done.stderr
