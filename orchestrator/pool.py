@@ -49,6 +49,7 @@ class PoolStats:
     retries: int = 0
     throttled: int = 0
     retry_reasons: list[str] = field(default_factory=list)
+    concurrency: int = 0  # downloads at once now (0: not started yet)
 
 
 class OutOfTime(Exception):
@@ -153,6 +154,7 @@ class WindowPool:
                 raise
 
         self._limiter.succeeded()
+        self.stats.concurrency = self._limiter.limit
         return info
 
     def _throttled(self, error: ThrottledError) -> None:
@@ -164,6 +166,7 @@ class WindowPool:
         )
         self._gate.pause(pause)
         self._limiter.throttled()
+        self.stats.concurrency = self._limiter.limit
 
     def _on_retry(
         self, record: WindowRecord

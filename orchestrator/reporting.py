@@ -36,7 +36,9 @@ class Progress:
 
 
 def progress_line(progress: Progress, *, concurrency: int) -> str:
-    """One line: windows, rows, bytes, throughput, time left, retries, throttling."""
+    """One line: windows, rows, bytes, throughput, time left, retries, throttling,
+    and the downloads allowed at once now (``concurrency`` until a download ends)."""
+    concurrency = progress.stats.concurrency or concurrency
     elapsed = max(time.monotonic() - progress.started, 1e-6)
     rate = progress.bytes / elapsed / 1e6
     left = progress.windows - progress.finished - progress.failed

@@ -22,6 +22,7 @@ from orchestrator.errors import CredentialsError, StateWriteError, UsageError
 from orchestrator.export import ExportResult, Hooks, run_export
 from orchestrator.manifest import DONE, MERGED, ExportPaths, Manifest, WindowRecord
 from orchestrator.merger import Assembler, Batch
+from orchestrator.reporting import Progress, progress_line
 from orchestrator.sandbox import SandboxServer, SandboxSettings, parse_faults
 from orchestrator.sandbox.faults import DOWNLOAD_KINDS
 from tests.conftest import (
@@ -42,14 +43,18 @@ async def no_wait(seconds: float) -> None:
 
 
 async def export_with(
-    sandbox: SandboxServer, output: Path, hours: int = 4, **options: Any
+    sandbox: SandboxServer,
+    output: Path,
+    hours: int = 4,
+    progress: Progress | None = None,
+    **options: Any,
 ) -> tuple[ExportResult, dt.datetime]:
     start = find_range_with_empty_hour(sandbox.history, hours=max(hours, 3))
     options.setdefault("retry", FAST_RETRY)
     result = await run_export(
         run_settings(output, start, start + hours * HOUR, **options),
         credentials_for(sandbox),
-        hooks=Hooks(sleep=no_wait),
+        hooks=Hooks(sleep=no_wait, progress=progress),
     )
     return result, start
 
@@ -216,13 +221,18 @@ async def test_a_concurrency_cap_halves_our_concurrency(tmp_path: Path) -> None:
         )
     )
     output = tmp_path / "o.csv"
+    progress = Progress()
     async with sandbox:
         result, start = await export_with(
-            sandbox, output, hours=12, concurrency=8, estimate=False
+            sandbox, output, hours=12, progress=progress, concurrency=8, estimate=False
         )
 
     assert result.complete
     assert result.throttled >= 1
+    assert 1 <= progress.stats.concurrency < 8  # as the progress line shows it
+    assert f"concurrency {progress.stats.concurrency}" in progress_line(
+        progress, concurrency=8
+    )
     assert_exported_exactly(output, sandbox, start, 12 * HOUR)
 
 
