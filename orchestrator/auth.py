@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,7 +217,15 @@ def _bad_port(url: str) -> bool:
 
 
 def _on_domains(host: str, domains: tuple[str, ...]) -> bool:
+    """Whether ``host`` is a well-formed name on one of ``domains``."""
+    if not _HOST_NAME.fullmatch(host):
+        return False
+
     return any(host == d or host.endswith("." + d) for d in domains)
+
+
+# Letters, digits and hyphens, in labels joined by dots (as urlsplit lowercases it).
+_HOST_NAME = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)*")
 
 
 def check_rest_url(url: str, allowed_domains: tuple[str, ...]) -> None:

@@ -182,9 +182,15 @@ def test_a_credentials_file_with_a_stray_line_names_the_line(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     "url",
-    ["http://auth.example.com", "ftp://127.0.0.1", "http://10.0.0.1:8080"],
+    [
+        "http://auth.example.com",
+        "ftp://127.0.0.1",
+        "http://10.0.0.1:8080",
+        "https://x.invalid\\.marketingcloudapis.com",  # not a host name at all
+        "https://x_y.auth.marketingcloudapis.com",
+    ],
 )
-async def test_plain_http_credentials_go_only_to_loopback(
+async def test_credentials_go_only_to_loopback_or_a_well_formed_sfmc_host(
     tmp_path: Path, url: str
 ) -> None:
     credentials = Credentials("id", SECRET, url)
@@ -202,6 +208,7 @@ async def test_plain_http_credentials_go_only_to_loopback(
         "https://attacker.example.net/",
         "http://mc123.rest.marketingcloudapis.com/",
         "https://marketingcloudapis.com.attacker.net/",
+        "https://a%2fb.rest.marketingcloudapis.com/",
     ],
 )
 async def test_a_tampered_rest_url_never_gets_the_token(
