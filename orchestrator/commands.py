@@ -315,7 +315,17 @@ def exit_code_of(result: ExportResult) -> ExitCode:
     if result.out_of_time and not result.failed and not result.error:
         return ExitCode.TIME_BUDGET  # a disk error says more than the budget
 
+    if _all_refused(result):
+        return ExitCode.USAGE  # rerunning cannot help: the request must change
+
     return ExitCode.WINDOWS_FAILED
+
+
+def _all_refused(result: ExportResult) -> bool:
+    """Whether every failed window was refused as asked, and nothing else stopped
+    the run: only a changed request (or setting) can get them."""
+    failed = len(result.failed)
+    return bool(failed) and result.refused == failed and not result.error
 
 
 def _write_reports(args: argparse.Namespace, result: ExportResult, code: int) -> None:
@@ -456,6 +466,13 @@ def summary_line(result: ExportResult) -> str:
     failed = "; ".join(f"{key}: {error}" for key, error in shown)
     if len(result.failed) > SHOWN_FAILURES:
         failed += f"; {len(result.failed) - SHOWN_FAILURES} more (see status)"
+
+    if _all_refused(result):
+        return (
+            f"export incomplete: {done}; {len(result.failed)} refused ({failed}); "
+            "rerunning as is fails the same way: change what the errors name (a "
+            "changed request needs --restart or another --output), then rerun"
+        )
 
     return (
         f"export incomplete: {done}; {len(result.failed)} failed ({failed}); "

@@ -21,6 +21,7 @@ from orchestrator.credentials import Credentials
 from orchestrator.download import Estimate, JourneyHistoryClient
 from orchestrator.errors import (
     PermanentError,
+    RetryableError,
     TooLargeError,
     WindowError,
 )
@@ -76,6 +77,7 @@ class ExportResult:
     failed: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     out_of_time: bool = False
+    refused: int = 0  # failed windows the server refused as asked (not retryable)
 
 
 def _utc_now() -> dt.datetime:
@@ -111,6 +113,7 @@ class ExportJob:
         self.hooks = hooks
         self.gate = ThrottleGate(sleep=hooks.sleep)
         self.limiter = AdaptiveLimiter(settings.concurrency)
+        self.refused: set[str] = set()  # keys of windows failed by a PermanentError
         self.policy = RetryPolicy(settings.retry, sleep=hooks.sleep)
         self.assembling = anyio.Lock()
         self.client: JourneyHistoryClient | None = None
@@ -311,6 +314,11 @@ class ExportJob:
 
     async def _failed(self, record: WindowRecord, error: WindowError) -> None:
         self.progress.failed += 1
+        if isinstance(error, RetryableError):
+            self.refused.discard(record.window.key)
+        else:
+            self.refused.add(record.window.key)
+
         record.state = FAILED
         record.error = str(error)
         self.manifest.checkpoint()
@@ -484,4 +492,8 @@ class ExportJob:
                 for r in self.manifest.windows
                 if r.state == FAILED
             },
+            refused=sum(
+                r.state == FAILED and r.window.key in self.refused
+                for r in self.manifest.windows
+            ),
         )

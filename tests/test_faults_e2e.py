@@ -17,8 +17,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from orchestrator.commands import exit_code_of, summary_line
 from orchestrator.config import HttpSettings, RetrySettings
-from orchestrator.errors import CredentialsError, StateWriteError, UsageError
+from orchestrator.errors import CredentialsError, ExitCode, StateWriteError, UsageError
 from orchestrator.export import ExportResult, Hooks, run_export
 from orchestrator.manifest import DONE, MERGED, ExportPaths, Manifest, WindowRecord
 from orchestrator.merger import Assembler, Batch
@@ -246,6 +247,8 @@ async def test_retries_are_capped_and_the_rerun_requests_only_failed_windows(
         assert len(failed.failed) == 4
         assert all("500" in error for error in failed.failed.values())
         assert sum(sandbox.stats.downloads.values()) == 4 * FAST_RETRY.max_attempts
+        assert exit_code_of(failed) == ExitCode.WINDOWS_FAILED  # a rerun may do
+        assert "rerun the same command" in summary_line(failed)
 
         sandbox.update(faults=parse_faults(""))
         before = sum(sandbox.stats.downloads.values())
@@ -299,7 +302,9 @@ async def test_restart_with_a_folder_in_place_of_the_manifest_names_it(
     output = tmp_path / "o.csv"
     ExportPaths(output).manifest.mkdir()
     async with SandboxServer(SandboxSettings(rows_per_hour=30)) as sandbox:
-        with pytest.raises(UsageError, match=r"o\.csv\.manifest\.json is a folder"):
+        with pytest.raises(
+            UsageError, match=r"o\.csv\.manifest\.json is not a regular"
+        ):
             await export_with(sandbox, output, restart=True)
 
         ExportPaths(output).manifest.rmdir()
@@ -609,8 +614,8 @@ async def test_a_directory_in_place_of_a_part_stops_the_run_with_the_fix(
 
         blocked = [ExportPaths(output).part(record.window) for record in acted]
 
-        with pytest.raises(StateWriteError, match="remove it and rerun"):
-            await export_with(sandbox, output)  # still there: the same clear stop
+        with pytest.raises(UsageError, match=r"did not write .*move them away"):
+            await export_with(sandbox, output)  # still there: refused up front
 
         shutil.rmtree(blocked[0])
         second, start = await export_with(sandbox, output)

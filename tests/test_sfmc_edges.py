@@ -10,8 +10,9 @@ from typing import Any
 import anyio
 import pytest
 
+from orchestrator.commands import exit_code_of, summary_line
 from orchestrator.config import ExportRequest
-from orchestrator.errors import UsageError
+from orchestrator.errors import ExitCode, UsageError
 from orchestrator.export import Hooks, run_export
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.sandbox import History, SandboxServer, SandboxSettings
@@ -288,6 +289,9 @@ async def test_a_request_too_large_for_the_server_fails_without_splitting(
     assert result.windows == 2  # not split down to --min-window
     assert len(result.failed) == 2
     assert all("split the contact keys file" in e for e in result.failed.values())
+    assert exit_code_of(result) == ExitCode.USAGE  # rerunning as is cannot help
+    assert "2 refused" in summary_line(result)
+    assert "rerunning as is fails the same way" in summary_line(result)
 
 
 # The same command: with a fixed --end, or with --end left at now (the rerun's end
