@@ -15,11 +15,12 @@ from typing import Any
 
 import anyio
 
+from orchestrator import sfmc
 from orchestrator.config import ExportRequest, RunSettings, build_settings
 from orchestrator.credentials import Credentials
 from orchestrator.errors import ManifestError, UsageError
 from orchestrator.estimates import history_lag
-from orchestrator.export import request_identity
+from orchestrator.export import request_identity, retention_cutoff
 from orchestrator.job import ExportResult
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.reporting import write_atomically
@@ -142,6 +143,9 @@ def plan_since_last(
             "give --start (or export.start) for the first run"
         )
 
+    if start is not None and not probe.retained_only:
+        _refuse_a_chain_past_retention(start, path, now)
+
     end = _end(probe, credentials, now)
     begin = iso(start) if start else str(first)
     begin = _skip_unrecorded(
@@ -152,6 +156,18 @@ def plan_since_last(
         return SinceLast(None, path, key, begin)
 
     return SinceLast(chosen, path, key, begin)
+
+
+def _refuse_a_chain_past_retention(
+    start: dt.datetime, state: Path, now: dt.datetime
+) -> None:
+    cutoff = retention_cutoff(now)
+    if start < cutoff:
+        raise UsageError(
+            f"--since-last: the last export recorded in {state} ended at {iso(start)}, "
+            f"past SFMC's {sfmc.RETENTION_DAYS}-day retention: what came before "
+            f"{iso(cutoff)} is gone; add --retained-only to go on from there"
+        )
 
 
 def _first_start(options: Mapping[str, Any], config: Mapping[str, Any]) -> Any:
