@@ -207,13 +207,21 @@ def _build_settings(
         raise UsageError("no output file: give --output PATH or export.output")
 
     max_duration = merged.get("max_duration")
+    window = _window_for(start, end, merged.get("window", "1h"))
+    min_window = _build_window(merged.get("min_window", "1m"), name="min_window")
+    if min_window > window:
+        raise UsageError(
+            f"min_window {merged.get('min_window')!r} is longer than the window span "
+            f"{merged.get('window', '1h')!r}: no window could ever be split; give "
+            "--min-window at most --window"
+        )
 
     return RunSettings(
         start=start,
         end=end,
         output=render_output(str(output), start, end),
         request=request,
-        window=_window_for(start, end, merged.get("window", "1h")),
+        window=window,
         concurrency=_bounded_int(merged, "concurrency", 5, 1, MAX_CONCURRENCY),
         compression=_choice(merged, "compression", "gzip", COMPRESSIONS),
         keep_parts=bool(merged.get("keep_parts", False)),
@@ -222,7 +230,7 @@ def _build_settings(
         estimate=bool(merged.get("estimate", True)),
         cap_bytes=_cap_bytes(merged),
         flush_bytes=_flush_bytes(merged),
-        min_window=_build_window(merged.get("min_window", "1m"), name="min_window"),
+        min_window=min_window,
         retained_only=bool(merged.get("retained_only", False)),
         max_duration=_duration(max_duration, "max_duration") if max_duration else None,
         redo=tuple(merged.get("redo") or ()),
@@ -570,8 +578,8 @@ def _in_range(
     """``value`` if it is a finite number above 0, at least ``lowest`` (when above
     0) and at most ``highest``; else a UsageError saying so."""
     if not _finite_positive(value) or value < lowest or value > highest:
-        least = f"from {lowest:g}" if lowest else "above 0"
-        upto = f", at most {highest:g}" if math.isfinite(highest) else ""
+        least = f"from {lowest:,g}" if lowest else "above 0"
+        upto = f", at most {highest:,.15g}" if math.isfinite(highest) else ""
         raise UsageError(
             f"{name} {value!r} is out of range: use a number {least}{upto}"
         )

@@ -304,9 +304,9 @@ def test_an_output_name_too_long_for_its_state_files_is_refused() -> None:
             "at most 100 (config {path}: retry.max_attempts)",
         ),
         ("[retry]\nbackoff_initial_seconds = 1e308", "retry.backoff_initial_seconds"),
-        ("[http]\nread_timeout_seconds = 1e308", "at most 86400"),
+        ("[http]\nread_timeout_seconds = 1e308", "at most 86,400"),
         ("[http]\nread_timeout_seconds = 1e-300", "use a number from 0.1, at most"),
-        ("[export]\nhistory_lag_fallback_seconds = 1e300", "at most 2.592e+06"),
+        ("[export]\nhistory_lag_fallback_seconds = 1e300", "at most 2,592,000"),
         (
             "[retry]\nbackoff_initial_seconds = 60\nbackoff_max_seconds = 10",
             "is above backoff_max_seconds 10",
@@ -368,3 +368,10 @@ def test_only_an_exports_own_parts_folder_is_refused_as_an_output_folder(
     (tmp_path / "car.manifest.json").write_text("{}")
     with pytest.raises(UsageError, match=r"in an export's \.parts folder"):
         settings(output=str(output))
+
+
+def test_a_min_window_longer_than_the_window_is_refused() -> None:
+    with pytest.raises(UsageError, match=r"min_window '1h' is longer than .* '1m'"):
+        settings(window="1m", min_window="1h")
+
+    assert settings(window="1m", min_window="1m").min_window == dt.timedelta(minutes=1)
