@@ -360,21 +360,30 @@ def _check_same_request(
         )
         return
 
-    shown = ", ".join(sorted(differing))
+    shown = ", ".join(sorted(_REQUEST_WORDS.get(key, key) for key in differing))
+    verb = "differs" if len(differing) == 1 else "differ"
     if manifest.complete:
         raise ManifestError(
             f"{paths.output} already holds a complete export of "
             f"{manifest.request['start']} to {manifest.request['end']} ({shown} "
-            "differ); choose another --output (with --since-last, name outputs to "
-            "the minute: {start:%Y%m%dT%H%MZ}), or delete that file and its "
-            ".manifest.json to replace it"
+            f"{verb}); choose another --output (with --since-last, name outputs to "
+            "the minute: {start:%Y%m%dT%H%MZ}), or add --restart to replace it"
         )
 
     raise ManifestError(
         f"{paths.output} belongs to an unfinished export with a different request "
-        f"({shown} differ); rerun with the same options, use another --output, or "
+        f"({shown} {verb}); rerun with the same options, use another --output, or "
         "add --restart to discard that export and start over"
     )
+
+
+# How the parts of a request are named to the user, where the key is not the word.
+_REQUEST_WORDS = {
+    "window_seconds": "window span",
+    "range_as_given": "range as written",
+    "gzip_output": "gzip output",
+    "contact_keys": "contact keys",
+}
 
 
 def _discard_state(paths: ExportPaths) -> None:
