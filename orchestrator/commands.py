@@ -457,10 +457,9 @@ def summary_line(result: ExportResult) -> str:
         return f"export paused (time budget spent): {done}; rerun to go on"
 
     if not result.failed:  # stopped by something else (a full disk ...)
-        return (
-            f"export incomplete: {done}; {result.error or 'see the log'}; rerun the "
-            "same command to go on"
-        )
+        error = result.error or "see the log"
+        advice = "" if "rerun" in error else "; rerun the same command to go on"
+        return f"export incomplete: {done}; {error}{advice}"
 
     shown = list(result.failed.items())[:SHOWN_FAILURES]
     failed = "; ".join(f"{key}: {error}" for key, error in shown)

@@ -282,7 +282,7 @@ class ExportJob:
         self.manifest.checkpoint()
         self._progressed(record)
         logger.info(
-            "window %s done: %d rows, %d bytes, %.1f s, %d attempts",
+            "window %s done: %d rows, %d bytes, %.1f s, attempts: %d",
             record.window,
             record.rows,
             record.bytes,
@@ -323,7 +323,7 @@ class ExportJob:
         record.error = str(error)
         self.manifest.checkpoint()
         logger.error(
-            "window %s failed after %d attempts (over every run so far): %s",
+            "window %s failed (attempts over every run so far: %d): %s",
             record.window,
             record.attempts,
             error,

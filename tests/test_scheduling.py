@@ -623,8 +623,10 @@ def test_the_summary_of_a_run_stopped_by_the_disk_names_the_disk() -> None:
     line = summary_line(result)
 
     assert "failed" not in line
-    assert "No space left on device" in line
-    assert line.endswith("rerun the same command to go on")
+    assert line.endswith("No space left on device; rerun once ...")  # advice once
+    assert summary_line(twelve_windows(exported=12, error="disk gone")).endswith(
+        "disk gone; rerun the same command to go on"
+    )
 
 
 @pytest.mark.parametrize(
