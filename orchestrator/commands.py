@@ -273,8 +273,13 @@ def _run(
 def _finish(args: argparse.Namespace, result: ExportResult) -> int:
     """Print the summary line, write the reports, and give the exit code."""
     code = exit_code_of(result)
-    print(summary_line(result))
+    line = summary_line(result)
+    print(line)
     _write_reports(args, result, code)
+    if getattr(args, "log_format", "text") == "json":  # the log ends as with errors
+        level = {ExitCode.OK: "info", ExitCode.TIME_BUDGET: "warning"}.get(code)
+        tell_the_end(line, int(code), as_json=True, level=level or "error")
+
     return int(code)
 
 

@@ -42,7 +42,7 @@ def json_logs_asked(argv: Sequence[str] | None = None) -> bool:
     return "--log-format=json" in given or ("--log-format", "json") in pairs
 
 
-def tell_the_end(line: str, code: int, *, as_json: bool) -> None:
+def tell_the_end(line: str, code: int, *, as_json: bool, level: str = "error") -> None:
     """The last line on stderr: plain, or under --log-format json one more JSON
     object with the log's keys, ``event`` "exit" and the exit code. Characters that
     would break the line (a newline in a file name) are shown escaped."""
@@ -53,7 +53,7 @@ def tell_the_end(line: str, code: int, *, as_json: bool) -> None:
 
     event = {
         "time": dt.datetime.now(dt.UTC).isoformat(),
-        "level": "error",
+        "level": level,
         "logger": "journey-export",
         "message": line,
         "event": "exit",

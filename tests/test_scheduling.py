@@ -541,6 +541,21 @@ def test_under_json_logs_the_error_that_ends_a_run_is_json_too(
     assert events[-1]["message"].startswith("journey-export: error: window '2d'")
 
 
+def test_under_json_logs_every_run_ends_with_an_exit_event(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    done = journey_export(
+        "--log-format", "json", "run", *range_args(2, tmp_path / "o.csv"),
+        env=env_for(sandbox_port),
+    )  # fmt: skip
+
+    assert done.returncode == ExitCode.OK, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert events[-1]["event"] == "exit"
+    assert (events[-1]["exit_code"], events[-1]["level"]) == (0, "info")
+    assert events[-1]["message"] == done.stdout.strip()
+
+
 @pytest.mark.parametrize(
     "end",
     ['"bogus"', "5", "null", '"2026-11-03T05:00:00"', '"0001-01-01T00:00:00+05:00"'],
