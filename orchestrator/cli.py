@@ -30,7 +30,9 @@ SHORT_EPILOG = (
     "exit codes: 0 done, 2 bad usage or input; with plan --estimate also 1 token "
     "endpoint unreachable, 3 credentials rejected, 130 interrupted"
 )
-_TIME_FLAGS = frozenset({"--start", "--end", "--last", "--window", "--max-duration"})
+_TIME_FLAGS = frozenset(
+    {"--start", "--end", "--last", "--window", "--max-duration", "--redo"}
+)
 
 
 class Parser(argparse.ArgumentParser):

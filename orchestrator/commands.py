@@ -6,7 +6,6 @@ import argparse
 import datetime as dt
 import logging
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from orchestrator.incremental import (
     record_end,
     state_file_of,
 )
-from orchestrator.launch import json_logs_asked, tell_the_end
+from orchestrator.launch import STOPPING_SIGNALS, json_logs_asked, tell_the_end
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.planner import Window
 from orchestrator.reporting import (
@@ -68,7 +67,7 @@ STOPPED_AT_ONCE = "stopped at once; state is kept, rerun the same command"
 
 
 class Interrupted(JourneyExportError):
-    """SIGINT or SIGTERM stopped the run; its state is kept."""
+    """SIGINT, SIGTERM or SIGHUP stopped the run; its state is kept."""
 
     exit_code = ExitCode.INTERRUPTED
 
@@ -369,7 +368,8 @@ async def _redraw(display: ProgressDisplay, progress: Progress, limit: int) -> N
 
 
 def run_interruptible(job: Callable[[], Awaitable[_T]]) -> _T:
-    """Run ``job`` until it ends or SIGINT/SIGTERM arrives (then raise Interrupted).
+    """Run ``job`` until it ends or a stopping signal arrives (SIGINT, SIGTERM,
+    SIGHUP: then raise Interrupted).
 
     A second signal while the job stops ends the process at once, exit code 130:
     what is recorded is as safe as after a kill (every state file is replaced
@@ -380,7 +380,7 @@ def run_interruptible(job: Callable[[], Awaitable[_T]]) -> _T:
 
     async def supervise() -> None:
         stop = anyio.CancelScope()
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with anyio.open_signal_receiver(*STOPPING_SIGNALS) as signals:
             async with anyio.create_task_group() as group:
                 group.start_soon(_watch_signals, signals, stop, signals_seen)
                 with stop:

@@ -1,7 +1,7 @@
 """The ``journey-export`` entry point: a signal during start-up ends it cleanly.
 
 Importing the command line (aiohttp and the rest) takes a few tenths of a second.
-A SIGINT or SIGTERM in that time, or before a run watches for signals itself, ends
+A SIGINT, SIGTERM or SIGHUP in that time, or before a run watches for signals, ends
 the process with the usual one line and exit code 130 instead of a traceback or a
 bare kill. Nothing has been written to the output by then.
 """
@@ -19,11 +19,15 @@ from types import FrameType
 from orchestrator.errors import ExitCode
 
 INTERRUPTED_LINE = "journey-export: interrupted; rerun the same command"
+# Ctrl-C, a stop (systemd, Kubernetes, a scheduler), a closed terminal.
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with SIGTERM treated as SIGINT until a run takes over."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    """Run the command line with SIGTERM and SIGHUP treated as SIGINT until a run
+    takes over."""
+    for signum in STOPPING_SIGNALS[1:]:
+        signal.signal(signum, _interrupt)
     try:
         # Imported here, where a signal during the import is caught.
         from orchestrator.cli import main as run_command_line

@@ -387,7 +387,10 @@ run_interruptible(job)
 """
 
 
-def test_a_second_signal_while_stopping_exits_130_at_once() -> None:
+@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGHUP])
+def test_a_second_signal_while_stopping_exits_130_at_once(
+    first: signal.Signals,
+) -> None:
     job = subprocess.Popen(
         [sys.executable, "-c", HANGING_STOP],
         stdout=subprocess.PIPE,
@@ -396,7 +399,7 @@ def test_a_second_signal_while_stopping_exits_130_at_once() -> None:
     )
     assert job.stdout is not None
     assert job.stdout.readline() == "running\n"
-    job.send_signal(signal.SIGTERM)
+    job.send_signal(first)
     assert job.stdout.readline() == "stopping\n"
     job.send_signal(signal.SIGINT)
 
@@ -619,3 +622,12 @@ def test_the_longest_names_allowed_really_work(
     )
     assert longer.returncode == 2
     assert "--report name is longer than 250 bytes" in longer.stderr
+
+
+def test_a_redo_span_may_start_with_a_relative_time(tmp_path: Path) -> None:
+    done = journey_export(
+        "run", *range_args(2, tmp_path / "o.csv"), "--redo", "-24h/now", env={}
+    )
+
+    assert done.returncode == 2
+    assert "SFMC_CLIENT_ID" in done.stderr  # --redo was read: credentials come next
