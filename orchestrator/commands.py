@@ -454,7 +454,13 @@ def summary_line(result: ExportResult) -> str:
             notes += f"; {result.provisional} provisional (rerun later to refresh)"
 
         if result.expired:
-            notes += f"; {result.expired} windows past retention skipped"
+            notes += f"; {result.expired} past retention skipped"
+
+        if result.unended:
+            notes += (
+                f"; {result.unended} without a final newline (a cut body looks so: "
+                "see the warnings)"
+            )
 
         return f"export complete: {done} -> {result.output}{notes}"
 

@@ -187,6 +187,14 @@ class JourneyHistoryClient:
         if boundary_seen:
             info = self._keep_window_rows(window, path, info)
 
+        if info.unended:
+            logger.warning(
+                "window %s: the body does not end with a newline, as one cut inside "
+                "its last field would not; if the server cuts bodies below "
+                "--safety-cap-mb, lower it to the server's limit and redo the window",
+                window,
+            )
+
         return info
 
     async def _stream(
@@ -267,7 +275,9 @@ class JourneyHistoryClient:
                 "window %s: dropped %d rows of the next window", window, dropped
             )
 
-        return PartInfo(kept.rows, kept.bytes, kept.sha256, info.newline)
+        return PartInfo(
+            kept.rows, kept.bytes, kept.sha256, info.newline, unended=info.unended
+        )
 
     async def estimate(self, window: Window) -> Estimate | None:
         """Ask for the window's estimated rows and sizes; None if unreadable."""

@@ -78,6 +78,7 @@ class ExportResult:
     error: str | None = None
     out_of_time: bool = False
     refused: int = 0  # failed windows the server refused as asked (not retryable)
+    unended: int = 0  # bodies without a final newline this run (see the log)
 
 
 def _utc_now() -> dt.datetime:
@@ -114,6 +115,7 @@ class ExportJob:
         self.gate = ThrottleGate(sleep=hooks.sleep)
         self.limiter = AdaptiveLimiter(settings.concurrency)
         self.refused: set[str] = set()  # keys of windows failed by a PermanentError
+        self.unended = 0  # bodies without a final newline, this run
         self.policy = RetryPolicy(settings.retry, sleep=hooks.sleep)
         self.assembling = anyio.Lock()
         self.client: JourneyHistoryClient | None = None
@@ -279,6 +281,9 @@ class ExportJob:
         record.rows, record.bytes = info.rows, info.bytes
         record.sha256, record.newline = info.sha256, info.newline
         record.error = None
+        if info.unended:
+            self.unended += 1
+
         self.manifest.checkpoint()
         self._progressed(record)
         logger.info(
@@ -492,6 +497,7 @@ class ExportJob:
                 for r in self.manifest.windows
                 if r.state == FAILED
             },
+            unended=self.unended,
             refused=sum(
                 r.state == FAILED and r.window.key in self.refused
                 for r in self.manifest.windows

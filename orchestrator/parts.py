@@ -65,13 +65,15 @@ class FileIdentity:
 @dataclass(frozen=True, slots=True)
 class PartInfo:
     """What a finished part holds; ``newline`` is None when the body had no header.
-    ``written`` is the identity of the file the rows and checksum were written to."""
+    ``written`` is the identity of the file the rows and checksum were written to;
+    ``unended``: the body lacked its final newline (a newline was added)."""
 
     rows: int
     bytes: int
     sha256: str
     newline: str | None
     written: FileIdentity | None = None
+    unended: bool = False
 
 
 def open_private(path: Path, *, keep: bool = False) -> io.BufferedWriter:
@@ -197,7 +199,8 @@ class PartWriter:
                 "at a size limit"
             )
 
-        if self._size and self._last != b"\n":
+        unended = bool(self._size) and self._last != b"\n"
+        if unended:
             self._check_last_row()
             self.write((self._newline or "\n").encode())
 
@@ -210,6 +213,7 @@ class PartWriter:
             sha256=self._digest.hexdigest(),
             newline=self._newline,
             written=written,
+            unended=unended,
         )
 
     def discard(self) -> None:
@@ -235,12 +239,7 @@ class PartWriter:
             )
 
         # A cut inside the last field looks the same as a body without a final
-        # newline: say so, since only a cap at or below the server's catches it.
-        logger.warning(
-            "%s: the body does not end with a newline; if the server cuts bodies "
-            "below --safety-cap-mb, lower it to the server's limit",
-            self.path.name,
-        )
+        # newline: the caller says so (PartInfo.unended), naming the window.
 
     def _take_header(self, data: bytes) -> bytes:
         assert self._head is not None

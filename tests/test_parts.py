@@ -9,6 +9,7 @@ import pytest
 
 from orchestrator.errors import PermanentError, TooLargeError
 from orchestrator.parts import (
+    PartInfo,
     PartWriter,
     RowCounter,
     iter_rows,
@@ -103,14 +104,23 @@ def test_a_last_row_missing_fields_is_cut_by_the_server(
 
 
 @pytest.mark.parametrize("body", [b"a,b,c\nd,e,f", b'a,b,c\nd,"e\nf",g'])
-def test_a_last_row_with_every_field_but_no_newline_is_kept_with_a_warning(
-    tmp_path: Path, body: bytes, caplog: pytest.LogCaptureFixture
+def test_a_last_row_with_every_field_but_no_newline_is_kept_and_marked(
+    tmp_path: Path, body: bytes
 ) -> None:
-    written, rows = write(tmp_path / "p", [COLUMNS_LINE + body])
+    writer = PartWriter(tmp_path / "p", columns=COLUMNS, delimiter=",")
+    writer.write(COLUMNS_LINE + body)
+    info = writer.finish()
 
-    assert rows == 2
-    assert written == body + b"\n"
-    assert "does not end with a newline; if the server cuts" in caplog.text
+    assert info.rows == 2
+    assert info.unended  # the caller warns, naming the window
+    assert (tmp_path / "p").read_bytes() == body + b"\n"
+    assert not write_info(tmp_path / "q", COLUMNS_LINE + body + b"\n").unended
+
+
+def write_info(path: Path, body: bytes) -> PartInfo:
+    writer = PartWriter(path, columns=COLUMNS, delimiter=",")
+    writer.write(body)
+    return writer.finish()
 
 
 def test_part_is_private_and_checksummed(tmp_path: Path) -> None:

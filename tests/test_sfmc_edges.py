@@ -16,7 +16,7 @@ from orchestrator.errors import ExitCode, UsageError
 from orchestrator.export import Hooks, run_export
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.sandbox import History, SandboxServer, SandboxSettings
-from orchestrator.timeparse import to_millis
+from orchestrator.timeparse import iso, to_millis
 from tests.conftest import (
     HOUR,
     credentials_for,
@@ -233,9 +233,12 @@ async def test_retained_only_refuses_a_range_wholly_past_retention(
     assert not (tmp_path / "o.csv").exists()
 
 
-def cut_inside_a_row(history: History) -> tuple[dt.datetime, int]:
+def cut_inside_a_row(
+    history: History, *, in_last_field: bool = False
+) -> tuple[dt.datetime, int]:
     """An hour, and a server cap that cuts its body a few bytes into a row (the
-    row then lacks fields), while both halves of the hour fit under that cap."""
+    row then lacks fields), or a few bytes before a row's end (inside its last
+    field), while both halves of the hour fit under that cap."""
     columns = ExportRequest().columns
 
     def body(start: dt.datetime, end: dt.datetime) -> bytes:
@@ -246,8 +249,9 @@ def cut_inside_a_row(history: History) -> tuple[dt.datetime, int]:
         whole = body(start, start + HOUR)
         halves = body(start, start + HOUR / 2), body(start + HOUR / 2, start + HOUR)
         row = whole.find(b"\n", max(map(len, halves))) + 1  # the next row starts
-        if 0 < row < len(whole) - 10:
-            return start, row + 5
+        row_end = whole.find(b"\n", row)
+        if 0 < row < len(whole) - 10 and row_end > 0:
+            return start, row_end - 3 if in_last_field else row + 5
 
     raise AssertionError("no hour whose body can be cut so")
 
@@ -269,6 +273,24 @@ async def test_a_body_cut_below_our_cap_is_caught_by_its_unfinished_last_row(
     assert downloads == 3  # cut once, then each half whole
     assert len(manifest.windows) == 2  # split, as for a cut at our own cap
     assert output.read_bytes() == expected_output(sandbox.history, start, start + HOUR)
+
+
+async def test_a_body_cut_inside_its_last_field_is_kept_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Documented: a cap at or below the server's own is what prevents this loss.
+    start, cap = cut_inside_a_row(History(7, 200), in_last_field=True)
+    settings = SandboxSettings(rows_per_hour=200, cap_bytes=cap, cap_behaviour="cut")
+    async with SandboxServer(settings) as sandbox:
+        result = await export(
+            sandbox, tmp_path / "o.csv", start, start + HOUR, compression="none"
+        )
+
+    assert result.complete
+    assert result.unended == 1
+    assert "1 without a final newline" in summary_line(result)
+    window = f"{iso(start)}/{iso(start + HOUR)}"
+    assert f"window {window}: the body does not end with a newline" in caplog.text
 
 
 async def test_a_request_too_large_for_the_server_fails_without_splitting(
