@@ -269,7 +269,11 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     _flag(parser, "--keep-parts", "keep each window's part file after merging")
-    _flag(parser, "--gzip", "write the output gzip-compressed (also when it ends .gz)")
+    _flag(
+        parser,
+        "--gzip",
+        "write the output gzip-compressed (a name ending .gz does too)",
+    )
     _flag(parser, "--restart", "export anew; the old output stays until replaced")
     _flag(parser, "--since-last", "start where the last complete export ended")
     add("--state-file", help="where --since-last records its ends")

@@ -517,7 +517,7 @@ def check_output_path(rendered: str) -> Path:
     if ".." in path.parts or not path.name:
         raise UsageError(
             f"output {rendered!r} is refused: --output must name a file, without "
-            "'..' parts"
+            "'..' parts; write the path from / or down from the working folder"
         )
 
     _check_name_length(path)
