@@ -367,7 +367,8 @@ def _check_same_request(
             f"{paths.output} already holds a complete export of "
             f"{manifest.request['start']} to {manifest.request['end']} ({shown} "
             f"{verb}); choose another --output (with --since-last, name outputs to "
-            "the minute: {start:%Y%m%dT%H%MZ}), or add --restart to replace it"
+            "the minute: {start:%Y%m%dT%H%MZ}), or delete that file and its "
+            ".manifest.json to replace it"
         )
 
     raise ManifestError(
