@@ -219,7 +219,7 @@ def _build_settings(
     return RunSettings(
         start=start,
         end=end,
-        output=render_output(str(output), start, end),
+        output=render_output(os.path.expanduser(str(output)), start, end),
         request=request,
         window=window,
         concurrency=_bounded_int(merged, "concurrency", 5, 1, MAX_CONCURRENCY),
@@ -350,7 +350,7 @@ def _build_request(merged: Mapping[str, Any]) -> ExportRequest:
             filters.append((body_key, tuple(values)))
 
     keys_file = merged.get("contact_keys_file")
-    keys = read_contact_keys(Path(keys_file)) if keys_file else ()
+    keys = read_contact_keys(Path(keys_file).expanduser()) if keys_file else ()
     return ExportRequest(fmt, tuple(columns), tuple(filters), keys)
 
 
@@ -624,7 +624,8 @@ def _build_http(merged: Mapping[str, Any], table: Mapping[str, Any]) -> HttpSett
     base = _build_dataclass(HttpSettings, timeouts)
     bundle = merged.get("ca_bundle") or table.get("ca_bundle")
     if bundle:
-        _check_ca_bundle(Path(bundle))
+        bundle = Path(bundle).expanduser()
+        _check_ca_bundle(bundle)
 
     extra = [str(d).lower().strip(".") for d in merged.get("allow_domain") or []]
     extra += [str(d).lower().strip(".") for d in table.get("allowed_domains", [])]

@@ -108,6 +108,12 @@ def read_credentials_file(path: Path) -> dict[str, str]:
                 f"NAME one of {', '.join(CREDENTIAL_NAMES)}"
             )
 
+        if key in found:
+            raise UsageError(
+                f"credentials file {path}, line {number}: {key} is given a second "
+                "time; keep one line for it"
+            )
+
         found[key] = value.strip().strip("'\"")
 
     return found

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -246,7 +247,10 @@ def state_file_of(options: Mapping[str, Any], config: Mapping[str, Any]) -> Path
     """The state file a --since-last run with these options and config uses."""
     export = config.get("export", {})
     template = str(options.get("output") or export.get("output") or "")
-    return state_path(options.get("state_file") or export.get("state_file"), template)
+    given = options.get("state_file") or export.get("state_file")
+    return state_path(
+        os.path.expanduser(given) if given else None, os.path.expanduser(template)
+    )
 
 
 def nothing_new(since: str) -> ExportResult:

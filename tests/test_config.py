@@ -375,3 +375,15 @@ def test_a_min_window_longer_than_the_window_is_refused() -> None:
         settings(window="1m", min_window="1h")
 
     assert settings(window="1m", min_window="1m").min_window == dt.timedelta(minutes=1)
+
+
+def test_a_home_folder_in_paths_is_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "keys.txt").write_text("a@example.com\n")
+
+    found = settings(output="~/exports/o.csv", contact_keys_file="~/keys.txt")
+
+    assert found.output == tmp_path / "exports" / "o.csv"
+    assert found.request.contact_keys == ("a@example.com",)

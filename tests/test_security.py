@@ -180,6 +180,15 @@ def test_a_credentials_file_with_a_stray_line_names_the_line(tmp_path: Path) -> 
     assert "hunter2" not in str(caught.value)
 
 
+def test_a_credentials_file_naming_a_variable_twice_is_refused(tmp_path: Path) -> None:
+    secrets_file = tmp_path / "sfmc.env"
+    secrets_file.write_text("SFMC_CLIENT_SECRET=old\nSFMC_CLIENT_SECRET=new-one\n")
+
+    with pytest.raises(UsageError, match="line 2: SFMC_CLIENT_SECRET is given a") as e:
+        load_credentials({}, {"credentials": {"file": str(secrets_file)}})
+    assert "new-one" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     "url",
     [
