@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import reprlib
 import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -149,7 +150,8 @@ def check_choices(
             checked.append(value)
         else:
             raise UsageError(
-                f"{name} {value!r} is not documented{suggest(value, allowed)}; "
+                f"{name} {reprlib.repr(value)} is not documented"
+                f"{suggest(value, allowed)}; "
                 f"see 'journey-export values {name}', or pass "
                 "--allow-unknown-values to send it anyway"
             )

@@ -631,3 +631,11 @@ def test_a_redo_span_may_start_with_a_relative_time(tmp_path: Path) -> None:
 
     assert done.returncode == 2
     assert "SFMC_CLIENT_ID" in done.stderr  # --redo was read: credentials come next
+
+
+def test_a_long_unknown_value_is_shortened_in_the_error() -> None:
+    done = journey_export("plan", "--last", "1h", "--status", "x" * 100_000)
+
+    assert done.returncode == 2
+    assert "is not documented" in done.stderr
+    assert len(done.stderr) < 400

@@ -796,6 +796,11 @@ def test_settings_from_options_converts_strings() -> None:
         ({"faults": ["reset=0.6", "cut_gzip=0.6"]}, "bad faults: download fault rates"),
         ({"faults": "flood=0.1"}, "bad fault 'flood=0.1': unknown fault kind 'flood'"),
         ({"faults": "stall@0"}, "bad fault 'stall@0': attempts count from 1"),
+        ({"faults": "stall@x"}, "bad fault 'stall@x': attempt 'x' is not a number"),
+        (
+            {"faults": "reset=lots"},
+            "bad fault 'reset=lots': reset's rate 'lots' is not",
+        ),
     ],
 )
 def test_settings_from_options_names_the_bad_option(

@@ -270,7 +270,7 @@ def _parse_item(
         return
 
     _check_kind(name)
-    rate = float(value)
+    rate = _float(value, f"{name}'s rate")
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate {rate} is outside 0.0-1.0")
 
@@ -281,6 +281,12 @@ def _parse_rule(item: str) -> FaultRule:
     kind, _, rest = item.partition("@")
     _check_kind(kind)
     attempt_text, _, start_text = rest.partition("@")
+    if attempt_text != "*" and not attempt_text.isdigit():
+        raise ValueError(
+            f"attempt {attempt_text!r} is not a number: write {kind}@1 (the first "
+            f"attempt) or {kind}@* (every attempt)"
+        )
+
     attempt = None if attempt_text == "*" else int(attempt_text)
     if attempt is not None and attempt < 1:
         raise ValueError("attempts count from 1")
@@ -289,8 +295,15 @@ def _parse_rule(item: str) -> FaultRule:
     return FaultRule(kind, attempt, start)
 
 
+def _float(text: str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{name} {text!r} is not a number") from None
+
+
 def _number(name: str, text: str) -> float:
-    number = float(text)
+    number = _float(text, name)
     _check_number(name, number)
     if name in WHOLE_NUMBERS and not number.is_integer():
         raise ValueError(f"{name} {number:g} is not a whole number")
