@@ -346,6 +346,8 @@ class ExportJob:
         if not self._can_split(record):
             failure = PermanentError(f"{error}, and the window cannot be split further")
             record.state, record.error = FAILED, str(failure)
+            self.refused.add(record.window.key)  # only another setting gets it
+            self.progress.failed += 1
             self.manifest.save()
             logger.error("window %s failed: %s", record.window, failure)
             return []

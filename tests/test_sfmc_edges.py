@@ -139,6 +139,7 @@ async def test_a_window_that_cannot_be_split_further_fails_saying_so(
     assert not result.complete
     assert result.failed
     assert all("cannot be split further" in e for e in result.failed.values())
+    assert exit_code_of(result) == ExitCode.USAGE  # only a smaller --min-window helps
 
 
 @pytest.mark.parametrize("shape", ["b", "garbage"])
