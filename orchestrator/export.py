@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import reprlib
 import time
 from pathlib import Path
 
@@ -74,12 +73,6 @@ def _lock_output(settings: RunSettings, paths: ExportPaths) -> OutputLock:
         raise UsageError(
             f"cannot write --output {settings.output}: {blocking} is a file, not a "
             "folder; choose an --output in a folder"
-        )
-
-    if paths.lock.exists() and not paths.lock.is_file():
-        raise UsageError(
-            f"{paths.lock} is not a regular file, and this export keeps its lock "
-            "there: move it away and rerun"
         )
 
     try:
@@ -414,18 +407,26 @@ def check_state_files(paths: ExportPaths) -> None:
             "or a pipe): name a regular file"
         )
 
-    for path in (paths.manifest, paths.partial):
-        if path.exists() and not path.is_file():
+    temporary = paths.manifest.with_name(paths.manifest.name + ".tmp")
+    for path in (paths.manifest, temporary, paths.partial, paths.lock):
+        if path.is_symlink() or (path.exists() and not path.is_file()):
             raise UsageError(
                 f"{path} is not a regular file, and this export keeps one there: "
                 "move it away and rerun"
             )
 
+    if paths.partial.exists() and not paths.manifest.exists():
+        raise UsageError(
+            f"{paths.partial} exists but no export of it is recorded (no "
+            f"{paths.manifest.name}): it is not this export's; move it away and rerun"
+        )
+
     _check_parts_folder(paths)
 
 
 def _check_parts_folder(paths: ExportPaths) -> None:
-    if paths.parts.exists() and not paths.parts.is_dir():
+    parts = paths.parts
+    if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
         raise UsageError(
             f"{paths.parts} is not a folder, and this export keeps its parts there: "
             "move it away and rerun"
@@ -433,7 +434,7 @@ def _check_parts_folder(paths: ExportPaths) -> None:
 
     _, other = paths.part_files()
     if other:
-        shown = ", ".join(reprlib.repr(entry.name) for entry in other[:3])
+        shown = ", ".join(repr(entry.name[:80]) for entry in other[:3])
         more = f" and {len(other) - 3} more" if len(other) > 3 else ""
         raise UsageError(
             f"{paths.parts} holds files this export did not write ({shown}{more}), "

@@ -134,15 +134,15 @@ class WindowRecord:
         return cls(
             window=window,
             state=data["state"],
-            attempts=int(data["attempts"]),
-            rows=int(data["rows"]),
-            bytes=int(data["bytes"]),
+            attempts=_count(data["attempts"]),
+            rows=_count(data["rows"]),
+            bytes=_count(data["bytes"]),
             sha256=data["sha256"],
             newline=data["newline"],
             seconds=float(data["seconds"]),
             error=data["error"],
             provisional=bool(data["provisional"]),
-            offset=data["offset"],
+            offset=None if data["offset"] is None else _count(data["offset"]),
             estimated_bytes=data["estimated_bytes"],
         )
 
@@ -164,6 +164,11 @@ class Manifest:
     @classmethod
     def load(cls, path: Path) -> Manifest:
         """Read a manifest; a damaged one raises ManifestError saying how to recover."""
+        if path.exists() and not path.is_file():  # a pipe would block the read
+            raise ManifestError(
+                f"manifest {path} is not a regular file: move it away, then rerun"
+            )
+
         try:
             document = json.loads(path.read_bytes())
             content = document["manifest"]
@@ -186,7 +191,7 @@ class Manifest:
             path=path,
             request=content["request"],
             windows=[WindowRecord.from_json(item) for item in content["windows"]],
-            merged_bytes=int(content["merged_bytes"]),
+            merged_bytes=_count(content["merged_bytes"]),
             newline=content["newline"],
             complete=bool(content["complete"]),
             extra=dict(content.get("extra", {})),
@@ -266,6 +271,14 @@ class Manifest:
         """Rows and bytes of the windows done or merged."""
         finished = [r for r in self.windows if r.state in (DONE, MERGED)]
         return sum(r.rows for r in finished), sum(r.bytes for r in finished)
+
+
+def _count(value: Any) -> int:
+    """A whole number of at least 0 as the manifest records it; else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+
+    return value
 
 
 def _check_tiling(manifest: Manifest) -> None:

@@ -78,8 +78,9 @@ class PartInfo:
 
 def open_private(path: Path, *, keep: bool = False) -> io.BufferedWriter:
     """Open a file for writing at its start, readable by its owner only, whatever
-    the umask; emptied unless ``keep``."""
-    flags = os.O_WRONLY | os.O_CREAT | (0 if keep else os.O_TRUNC)
+    the umask; emptied unless ``keep``. A symbolic link there is refused (ELOOP),
+    never followed to a file elsewhere."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (0 if keep else os.O_TRUNC)
     descriptor = os.open(path, flags, PRIVATE)
     os.fchmod(descriptor, PRIVATE)
     return os.fdopen(descriptor, "wb")

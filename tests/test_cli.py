@@ -282,6 +282,14 @@ def make_folder(path: Path) -> Path:
     return path
 
 
+def link_to_a_victim(path: Path) -> Path:
+    """A symbolic link at ``path`` to a file of the user's beside it."""
+    victim = path.with_name("victim.txt")
+    victim.write_text("precious")
+    path.symlink_to(victim)
+    return victim
+
+
 def make_pipe(path: Path) -> Path:
     os.mkfifo(path)
     return path
@@ -305,7 +313,23 @@ STATE_IN_THE_WAY = {
     ),
     "lock is a folder": (
         lambda out: make_folder(ExportPaths(out).lock),
-        "is not a regular file, and this export keeps its lock there",
+        "is not a regular file, and this export keeps one there",
+    ),
+    "manifest's temporary file is a link": (
+        lambda out: link_to_a_victim(out.with_name("o.csv.manifest.json.tmp")),
+        "is not a regular file, and this export keeps one there",
+    ),
+    "partial is a link": (
+        lambda out: link_to_a_victim(ExportPaths(out).partial),
+        "is not a regular file, and this export keeps one there",
+    ),
+    "lock is a link": (
+        lambda out: link_to_a_victim(ExportPaths(out).lock),
+        "is not a regular file, and this export keeps one there",
+    ),
+    "partial without a manifest": (
+        lambda out: write_file(ExportPaths(out).partial),
+        "exists but no export of it is recorded",
     ),
     "output is a pipe": (
         make_pipe,
@@ -331,6 +355,21 @@ def test_what_stands_where_an_export_keeps_its_files_is_refused(
     assert done.stderr.count("\n") == 1
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing deleted
     assert kept.exists()
+    if kept.name == "victim.txt":
+        assert kept.read_text() == "precious"
+
+
+def test_a_users_file_at_the_lock_path_is_never_deleted(tmp_path: Path) -> None:
+    output = tmp_path / "o.csv"
+    ExportPaths(output).lock.write_text("important")
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)  # past retention: refused
+    done = journey_export(
+        "run", "--start", start.isoformat(), "--end", (start + HOUR).isoformat(),
+        "--output", str(output), env=env_for(9),
+    )  # fmt: skip
+
+    assert done.returncode == 2
+    assert ExportPaths(output).lock.read_text() == "important"
 
 
 @pytest.mark.parametrize("inside", ["o.csv.parts", "any.parts"])

@@ -92,9 +92,25 @@ def negative_size(manifest: Manifest) -> None:
     manifest.merged_bytes = -5
 
 
+def fractional_size(manifest: Manifest) -> None:
+    setattr(manifest, "merged_bytes", 1.5)  # noqa: B010 - the wrong type on purpose
+
+
+def negative_part(manifest: Manifest) -> None:
+    manifest.windows[0].bytes = -1
+
+
 @pytest.mark.parametrize(
     "edit",
-    [drop_all, drop_the_middle, double_the_last, no_request, negative_size],
+    [
+        drop_all,
+        drop_the_middle,
+        double_the_last,
+        no_request,
+        negative_size,
+        fractional_size,
+        negative_part,
+    ],
 )
 def test_an_edited_manifest_with_a_fresh_checksum_is_still_refused(
     tmp_path: Path, edit: Any
@@ -552,3 +568,13 @@ def test_redo_choices_are_read_as_written_or_refused_by_name(tmp_path: Path) -> 
 
     with pytest.raises(UsageError, match="its end is not after its start"):
         select_windows(manifest, ("2026-11-03T02:00Z/2026-11-03T01:00Z",))
+
+
+def test_a_manifest_that_is_not_a_regular_file_is_refused_without_reading_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "o.csv.manifest.json"
+    os.mkfifo(path)  # reading would wait for a writer forever
+
+    with pytest.raises(ManifestError, match="is not a regular file: move it away"):
+        Manifest.load(path)
