@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -35,7 +36,12 @@ from orchestrator.incremental import (
     record_end,
     state_file_of,
 )
-from orchestrator.launch import STOPPING_SIGNALS, json_logs_asked, tell_the_end
+from orchestrator.launch import (
+    STOPPING_SIGNALS,
+    ignore_late_stops,
+    json_logs_asked,
+    tell_the_end,
+)
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.planner import Window
 from orchestrator.reporting import (
@@ -377,16 +383,24 @@ def run_interruptible(job: Callable[[], Awaitable[_T]]) -> _T:
     """
     outcome: list[_T] = []
     signals_seen: list[int] = []
+    handlers = {signum: signal.getsignal(signum) for signum in STOPPING_SIGNALS}
 
     async def supervise() -> None:
         stop = anyio.CancelScope()
-        with anyio.open_signal_receiver(*STOPPING_SIGNALS) as signals:
-            async with anyio.create_task_group() as group:
-                group.start_soon(_watch_signals, signals, stop, signals_seen)
-                with stop:
-                    outcome.append(await job())
+        try:
+            with anyio.open_signal_receiver(*STOPPING_SIGNALS) as signals:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(_watch_signals, signals, stop, signals_seen)
+                    with stop:
+                        outcome.append(await job())
 
-                group.cancel_scope.cancel()
+                    group.cancel_scope.cancel()
+        finally:
+            # The receiver leaves each signal's default (a kill) behind: put back
+            # what the command line set, which ignores signals once the run is over.
+            ignore_late_stops()
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
     try:
         anyio.run(supervise)

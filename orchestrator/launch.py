@@ -26,14 +26,14 @@ STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with SIGTERM and SIGHUP treated as SIGINT until a run
     takes over."""
-    for signum in STOPPING_SIGNALS[1:]:
-        signal.signal(signum, _interrupt)
+    listen_for_stops()
     try:
         # Imported here, where a signal during the import is caught.
         from orchestrator.cli import main as run_command_line
 
         return run_command_line(argv)
     except KeyboardInterrupt:
+        ignore_late_stops()
         code = int(ExitCode.INTERRUPTED)
         tell_the_end(INTERRUPTED_LINE, code, as_json=json_logs_asked(argv))
         return code
@@ -66,5 +66,22 @@ def tell_the_end(line: str, code: int, *, as_json: bool, level: str = "error") -
     print(json.dumps(event), file=sys.stderr)
 
 
+def listen_for_stops() -> None:
+    """Make SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt (until the run is
+    over: see :func:`ignore_late_stops`)."""
+    for signum in STOPPING_SIGNALS:
+        signal.signal(signum, _interrupt)
+
+
+def ignore_late_stops() -> None:
+    """From now on a stopping signal is ignored: the run is over and only tells how
+    it ended (a kill by the signal would lose that, and the exit code)."""
+    _ending.append(True)
+
+
+_ending: list[bool] = []  # not empty once the run is over
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+    if not _ending:
+        raise KeyboardInterrupt

@@ -678,3 +678,32 @@ def test_a_long_unknown_value_is_shortened_in_the_error() -> None:
     assert done.returncode == 2
     assert "is not documented" in done.stderr
     assert len(done.stderr) < 400
+
+
+# A signal after the run is over, while it only tells how it ended, is ignored.
+LATE_STOP = """
+import os, signal
+from orchestrator import launch
+from orchestrator.commands import run_interruptible
+
+async def job():
+    return 1
+
+launch.listen_for_stops()
+run_interruptible(job)
+for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    os.kill(os.getpid(), signum)
+print("survived", flush=True)
+"""
+
+
+def test_a_signal_after_the_run_is_over_changes_nothing() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_STOP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert (done.returncode, done.stdout) == (0, "survived\n"), done.stderr
