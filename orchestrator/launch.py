@@ -37,6 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = int(ExitCode.INTERRUPTED)
         tell_the_end(INTERRUPTED_LINE, code, as_json=json_logs_asked(argv))
         return code
+    finally:
+        # Ignored by the kernel: Python's exit puts back the default (a kill) for
+        # signals it handles, but not for ignored ones.
+        for signum in STOPPING_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def json_logs_asked(argv: Sequence[str] | None = None) -> bool:
@@ -69,6 +74,7 @@ def tell_the_end(line: str, code: int, *, as_json: bool, level: str = "error") -
 def listen_for_stops() -> None:
     """Make SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt (until the run is
     over: see :func:`ignore_late_stops`)."""
+    _ending.clear()
     for signum in STOPPING_SIGNALS:
         signal.signal(signum, _interrupt)
 
