@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -301,40 +301,30 @@ def foreign_file_in_parts(output: Path) -> Path:
     return kept
 
 
-STATE_IN_THE_WAY = {
+NOT_REGULAR = "is not a regular file, and this export keeps one there"
+
+
+def beside(suffix: str, make: Callable[[Path], Path]) -> Callable[[Path], Path]:
+    """Make something at the output's path plus ``suffix``."""
+    return lambda output: make(output.with_name(output.name + suffix))
+
+
+STATE_IN_THE_WAY: dict[str, tuple[Callable[[Path], Path], str]] = {
     "foreign file in parts": (foreign_file_in_parts, "holds files this export did not"),
-    "parts is a file": (
-        lambda out: write_file(ExportPaths(out).parts),
-        "is not a folder, and this export keeps its parts there",
-    ),
-    "partial is a folder": (
-        lambda out: make_folder(ExportPaths(out).partial),
-        "is not a regular file, and this export keeps one there",
-    ),
-    "lock is a folder": (
-        lambda out: make_folder(ExportPaths(out).lock),
-        "is not a regular file, and this export keeps one there",
-    ),
+    "parts is a file": (beside(".parts", write_file), "is not a folder, and this"),
+    "partial is a folder": (beside(".partial", make_folder), NOT_REGULAR),
+    "lock is a folder": (beside(".lock", make_folder), NOT_REGULAR),
     "manifest's temporary file is a link": (
-        lambda out: link_to_a_victim(out.with_name("o.csv.manifest.json.tmp")),
-        "is not a regular file, and this export keeps one there",
+        beside(".manifest.json.tmp", link_to_a_victim),
+        NOT_REGULAR,
     ),
-    "partial is a link": (
-        lambda out: link_to_a_victim(ExportPaths(out).partial),
-        "is not a regular file, and this export keeps one there",
-    ),
-    "lock is a link": (
-        lambda out: link_to_a_victim(ExportPaths(out).lock),
-        "is not a regular file, and this export keeps one there",
-    ),
+    "partial is a link": (beside(".partial", link_to_a_victim), NOT_REGULAR),
+    "lock is a link": (beside(".lock", link_to_a_victim), NOT_REGULAR),
     "partial without a manifest": (
-        lambda out: write_file(ExportPaths(out).partial),
+        beside(".partial", write_file),
         "exists but no export of it is recorded",
     ),
-    "output is a pipe": (
-        make_pipe,
-        "exists and is not a regular file",
-    ),
+    "output is a pipe": (make_pipe, "exists and is not a regular file"),
 }
 
 
@@ -697,13 +687,17 @@ print("survived", flush=True)
 """
 
 
-def test_a_signal_after_the_run_is_over_changes_nothing() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", LATE_STOP],
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_a_signal_after_the_run_is_over_changes_nothing() -> None:
+    done = run_python(LATE_STOP)
 
     assert (done.returncode, done.stdout) == (0, "survived\n"), done.stderr

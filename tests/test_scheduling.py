@@ -33,7 +33,13 @@ from orchestrator.reporting import Progress, progress_line
 from orchestrator.sandbox import History
 from orchestrator.timeparse import iso
 from tests.conftest import HOUR, expected_output, hour_now
-from tests.test_cli import env_for, journey_export, range_args, start_sandbox
+from tests.test_cli import (
+    env_for,
+    journey_export,
+    range_args,
+    run_python,
+    start_sandbox,
+)
 
 NOW = dt.datetime(2026, 11, 20, 12, 34, 56, tzinfo=dt.UTC)
 
@@ -662,13 +668,7 @@ def test_a_signal_during_start_up_is_json_too_under_json_logs() -> None:
     code = SIGNAL_DURING_START_UP.replace("{name}", "SIGTERM").replace(
         'main(["values"])', 'main(["--log-format", "json", "values"])'
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_python(code)
 
     assert done.returncode == ExitCode.INTERRUPTED
     event = json.loads(done.stderr)
