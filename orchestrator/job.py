@@ -22,6 +22,7 @@ from orchestrator.download import Estimate, JourneyHistoryClient
 from orchestrator.errors import (
     PermanentError,
     RetryableError,
+    ThrottledError,
     TooLargeError,
     WindowError,
 )
@@ -230,6 +231,7 @@ class ExportJob:
                 settings=self.settings.retry,
                 gate=self.gate,
                 sleep=self.hooks.sleep,
+                on_retry=self._count_estimate_retry,
             )
         except WindowError as error:
             self._stop_estimating(f"estimate failed ({error})")
@@ -247,6 +249,13 @@ class ExportJob:
                 await self._estimate_one(half)
 
         self.manifest.checkpoint()
+
+    def _count_estimate_retry(self, error: BaseException | None) -> None:
+        """Count an estimate's retry with the downloads' (the summary's figures)."""
+        stats = self.progress.stats
+        stats.retries += 1
+        if isinstance(error, ThrottledError):
+            stats.throttled += 1
 
     def _stop_estimating(self, reason: str) -> None:
         if self.estimates_usable:
@@ -477,7 +486,7 @@ class ExportJob:
     def result(self, seconds: float) -> ExportResult:
         rows, size = self.manifest.totals()
         finished = [r for r in self.manifest.windows if r.state in (DONE, MERGED)]
-        stats = self.pool.stats if self.pool else None
+        stats = self.progress.stats  # the pool's too
         return ExportResult(
             output=str(self.settings.output),
             start=str(self.manifest.request["start"]),
@@ -487,8 +496,8 @@ class ExportJob:
             rows=rows,
             bytes=size,
             seconds=seconds,
-            retries=stats.retries if stats else 0,
-            throttled=stats.throttled if stats else 0,
+            retries=stats.retries,
+            throttled=stats.throttled,
             complete=self.manifest.complete,
             provisional=sum(r.provisional for r in self.manifest.windows),
             expired=len(self.manifest.extra.get("expired", [])),

@@ -176,16 +176,20 @@ async def ask_a_few_times(
     gate: ThrottleGate,
     sleep: Sleep,
     rng: random.Random | None = None,
+    on_retry: Callable[[BaseException | None], None] | None = None,
 ) -> _T:
     """Await ``call`` up to ``attempts`` times while it raises RetryableError, for a
     request that is only a help (an estimate): the window's policy with fewer
-    attempts, and a throttled answer pauses every worker, as a download's does. The
-    last error is raised."""
+    attempts, and a throttled answer pauses every worker, as a download's does.
+    ``on_retry`` is told each error retried. The last error is raised."""
     limited = dataclasses.replace(settings, max_attempts=attempts)
     policy = RetryPolicy(limited, sleep=sleep, rng=rng)
 
     def pause_if_throttled(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
+        if on_retry is not None:
+            on_retry(error)
+
         if isinstance(error, ThrottledError):
             gate.pause(state.upcoming_sleep)
 

@@ -213,6 +213,7 @@ async def test_the_time_budget_bounds_every_wait(
     assert not result.failed
     downloads = sum(sandbox.stats.downloads.values())
     assert downloads == (0 if estimate else 1)
+    assert result.throttled >= 1  # the estimates' throttling counts too
 
 
 async def test_a_concurrency_cap_halves_our_concurrency(tmp_path: Path) -> None:
