@@ -43,6 +43,7 @@ from orchestrator.launch import (
     tell_the_end,
 )
 from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.parts import nearest_existing
 from orchestrator.planner import Window
 from orchestrator.reporting import (
     Progress,
@@ -152,8 +153,7 @@ def _check_writable(flag: str, path: Path) -> None:
     if path.is_dir():
         raise WrittenPathError(f"{flag} {path} is a folder: name a file")
 
-    parent = path.parent.resolve()
-    folder = next(p for p in (parent, *parent.parents) if p.exists())
+    folder = nearest_existing(path.parent.resolve())
     if not folder.is_dir():
         raise WrittenPathError(f"{flag} {path}: {folder} is a file, not a folder")
 

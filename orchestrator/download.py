@@ -7,6 +7,7 @@ permanent (other 4xx, a body that is not what it claims).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import email.utils
 import logging
@@ -275,8 +276,8 @@ class JourneyHistoryClient:
                 "window %s: dropped %d rows of the next window", window, dropped
             )
 
-        return PartInfo(
-            kept.rows, kept.bytes, kept.sha256, info.newline, unended=info.unended
+        return dataclasses.replace(
+            info, rows=kept.rows, bytes=kept.bytes, sha256=kept.sha256, written=None
         )
 
     async def estimate(self, window: Window) -> Estimate | None:

@@ -28,6 +28,7 @@ from orchestrator.manifest import (
     WindowRecord,
 )
 from orchestrator.merger import Assembler
+from orchestrator.parts import nearest_existing
 from orchestrator.planner import Window, plan_windows
 from orchestrator.timeparse import iso, parse_time
 
@@ -67,8 +68,7 @@ def _warn_without_time_column(settings: RunSettings) -> None:
 
 def _lock_output(settings: RunSettings, paths: ExportPaths) -> OutputLock:
     """Hold the output's lock; a folder we cannot write in is a usage error."""
-    folder = settings.output.parent
-    blocking = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    blocking = nearest_existing(settings.output.parent)
     if not blocking.is_dir():
         raise UsageError(
             f"cannot write --output {settings.output}: {blocking} is a file, not a "
@@ -386,9 +386,7 @@ def _discard_state(paths: ExportPaths) -> None:
     for path in (paths.manifest, paths.partial):
         path.unlink(missing_ok=True)
 
-    own, _ = paths.part_files()  # anything else was refused by check_state_files
-    for part in own:
-        part.unlink()
+    paths.delete_part_files()  # anything else was refused by check_state_files
 
 
 def check_state_files(paths: ExportPaths) -> None:

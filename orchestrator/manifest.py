@@ -84,6 +84,12 @@ class ExportPaths:
 
         return own, other
 
+    def delete_part_files(self) -> None:
+        """Delete the files of the parts folder named as parts (nothing else)."""
+        own, _ = self.part_files()
+        for part in own:
+            part.unlink(missing_ok=True)
+
     def _beside(self, suffix: str) -> Path:
         return self.output.with_name(self.output.name + suffix)
 
@@ -286,9 +292,6 @@ def _check_tiling(manifest: Manifest) -> None:
     no gap and no overlap (only a start dropped as past retention may be missing)."""
     if not isinstance(manifest.request, dict):
         raise ValueError("its request is not an object")
-
-    if manifest.merged_bytes < 0:
-        raise ValueError("its merged size is negative")
 
     start = dt.datetime.fromisoformat(str(manifest.request["start"]))
     end = dt.datetime.fromisoformat(str(manifest.request["end"]))

@@ -540,10 +540,7 @@ def _remove_parts_folder(paths: ExportPaths) -> None:
     """Delete the parts left (their rows are in the published output) and the
     folder; only files named as parts are deleted, and a folder holding anything
     else stays."""
-    own, _ = paths.part_files()
-    for part in own:
-        part.unlink(missing_ok=True)
-
+    paths.delete_part_files()
     with contextlib.suppress(OSError):
         paths.parts.rmdir()
 

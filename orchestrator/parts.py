@@ -15,15 +15,12 @@ import dataclasses
 import datetime as dt
 import hashlib
 import io
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import PermanentError, TooLargeError
-
-logger = logging.getLogger(__name__)
 
 BOM = b"\xef\xbb\xbf"
 MAX_HEADER_BYTES = 64 * 1024
@@ -84,6 +81,12 @@ def open_private(path: Path, *, keep: bool = False) -> io.BufferedWriter:
     descriptor = os.open(path, flags, PRIVATE)
     os.fchmod(descriptor, PRIVATE)
     return os.fdopen(descriptor, "wb")
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest ancestor that does (the folder a
+    missing one would be made in)."""
+    return next((p for p in (path, *path.parents) if p.exists()), path)
 
 
 def fsync_directory(path: Path) -> None:
