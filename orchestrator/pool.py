@@ -25,6 +25,7 @@ from orchestrator.errors import (
 )
 from orchestrator.manifest import WindowRecord
 from orchestrator.parts import PartInfo
+from orchestrator.planner import Window
 from orchestrator.retry import AdaptiveLimiter, RetryPolicy, ThrottleGate
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class WindowPool:
         self.stats = stats or PoolStats()
         self._group: anyio.abc.TaskGroup | None = None
         self._fatal: JourneyExportError | None = None
+        self._first_attempts: dict[Window, float] = {}
 
     async def run(self, records: list[WindowRecord]) -> None:
         """Export every record, oldest first; return when each is done or failed.
@@ -100,9 +102,10 @@ class WindowPool:
             await self._export_window(record)
         except JourneyExportError as error:  # concerns the whole run
             self._stop_all(error)
+        finally:
+            self._first_attempts.pop(record.window, None)
 
     async def _export_window(self, record: WindowRecord) -> None:
-        started = time.monotonic()
         try:
             info = await self._attempts(record)
         except TooLargeError as error:
@@ -117,6 +120,9 @@ class WindowPool:
             self.out_of_time = True
             return
 
+        # From the first attempt on, not from the start of the run: a window that
+        # waited its turn for a worker did not take that long.
+        started = self._first_attempts.pop(record.window)
         record.seconds = time.monotonic() - started
         await self._events.done(record, info)
 
@@ -147,6 +153,7 @@ class WindowPool:
                 raise OutOfTime
 
             record.attempts += 1
+            self._first_attempts.setdefault(record.window, time.monotonic())
             try:
                 info = await self._fetch(record)
             except ThrottledError as error:

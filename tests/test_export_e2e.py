@@ -267,3 +267,23 @@ async def test_manifest_records_every_window(tmp_path: Path) -> None:
     )
     assert all(r.attempts == 1 and r.sha256 for r in manifest.windows)
     assert ExportPaths(output).parts.exists()
+
+
+async def test_the_seconds_of_a_window_leave_out_its_wait_for_a_worker(
+    tmp_path: Path,
+) -> None:
+    # One worker: the windows are downloaded one after another, so their own
+    # durations cannot add up to more than the run took.
+    settings = SandboxSettings(rows_per_hour=30, first_byte_seconds=0.05)
+    async with SandboxServer(settings) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        output = tmp_path / "out.csv"
+        result = await run_export(
+            run_settings(output, start, start + 5 * HOUR, concurrency=1),
+            credentials_for(sandbox),
+        )
+
+    seconds = [r.seconds for r in Manifest.load(ExportPaths(output).manifest).windows]
+    assert len(seconds) == 5
+    assert min(seconds) >= 0.05
+    assert sum(seconds) <= result.seconds
