@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from measure import Sandbox, measure
+from measure import Sandbox, compile_package, measure
 from run import MB, PROGRAM, baseline, env, first_hour, ours, say, warm_until
 
 from orchestrator import sfmc
@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="(4)")
     args = parser.parse_args(argv)
 
+    compile_package(PROGRAM[0], env())
     with tempfile.TemporaryDirectory(prefix="jx-ceiling-") as scratch:
         work = Path(scratch)
         (work / "switch").mkdir()

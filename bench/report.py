@@ -62,7 +62,9 @@ def _head(results: dict[str, Any]) -> list[str]:
         f"| load average at start | {load} |",
         "",
         "MB is 10^6 bytes; throughput is MB of *output* (decoded CSV) per second of"
-        " wall time, start of the process to its exit, start-up included.",
+        " wall time, start of the process to its exit, start-up included. The"
+        " package's bytecode is written before anything is timed, as installing it"
+        " does.",
         "",
     ]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import Run, Sandbox, measure
+from measure import Run, Sandbox, compile_package, measure
 from merge import merge_benchmark
 from report import write_report
 
@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings["doc"] = str(args.doc)
     results: dict[str, Any] = {"settings": settings, "machine": machine()}
     results["machine"]["disk_write_mb_s"] = disk_rate(work)
+    say(f"bytecode written for {compile_package(sys.executable, env())}")
     phases: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
         "shaped": shaped,
         "unshaped": unshaped,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
+from orchestrator.launch import run_and_exit
 
-from orchestrator.launch import main
-
-sys.exit(main())
+run_and_exit()

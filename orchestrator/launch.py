@@ -11,10 +11,14 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import NoReturn
 
 from orchestrator.errors import ExitCode
 
@@ -42,6 +46,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         # signals it handles, but not for ignored ones.
         for signum in STOPPING_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+
+
+def run_and_exit() -> NoReturn:
+    """The console script: run the command line, then end the process at once.
+
+    By the time :func:`main` returns, everything a run writes has been flushed and
+    synced to disk. What a normal exit would add is the interpreter tearing down
+    its modules (about 0.1 s of every run), which changes nothing on disk.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        sys.exit(code)  # a closed pipe, say: let the normal exit report it
+
+    for thread in threading.enumerate():  # none are expected; wait as exit would
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+
+    logging.shutdown()
+    os._exit(code)
 
 
 def json_logs_asked(argv: Sequence[str] | None = None) -> bool:
