@@ -460,7 +460,8 @@ def summary_line(result: ExportResult) -> str:
         f"{result.throttled} throttled"
     )
     if result.complete and not result.windows:
-        return f"nothing new since the last export, which ended {result.end}"
+        ended = iso(dt.datetime.fromisoformat(result.end))
+        return f"nothing new since the last export, which ended {ended}"
 
     if result.complete:
         notes = ""

@@ -26,7 +26,7 @@ from orchestrator import sfmc
 from orchestrator.configfile import LoadedConfig, suggest
 from orchestrator.errors import UsageError
 from orchestrator.planner import MAX_SPAN, MIN_SPAN
-from orchestrator.timeparse import load_zone, parse_duration, parse_time
+from orchestrator.timeparse import iso, load_zone, parse_duration, parse_time
 
 MAX_CONCURRENCY = 64
 NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, in bytes
@@ -387,7 +387,7 @@ def _build_range(
             start = end - _duration(str(last), "last")
         except OverflowError:
             raise UsageError(
-                f"last {last!r} before {end.isoformat()} reaches before year 1: give "
+                f"last {last!r} before {iso(end)} reaches before year 1: give "
                 "a range within SFMC's retention"
             ) from None
     else:
@@ -398,13 +398,13 @@ def _build_range(
     start, end = _whole_millis(start), _whole_millis(end)
     if end <= start:
         raise UsageError(
-            f"end {end.isoformat()} is not after start {start.isoformat()}"
+            f"end {iso(end)} is not after start {iso(start)}"
         )
 
     if end > now:
         raise UsageError(
-            f"end {end.isoformat()} is in the future (now is "
-            f"{now.isoformat(timespec='seconds')}): leave --end out to export up to now"
+            f"end {iso(end)} is in the future (now is "
+            f"{iso(now.replace(microsecond=0))}): leave --end out to export up to now"
         )
 
     return start, end
@@ -447,7 +447,7 @@ def _window_for(start: dt.datetime, end: dt.datetime, text: str) -> dt.timedelta
     count = math.ceil((end - start) / span)
     if count > MAX_WINDOWS:
         raise UsageError(
-            f"window {text!r} cuts {start.isoformat()} to {end.isoformat()} into "
+            f"window {text!r} cuts {iso(start)} to {iso(end)} into "
             f"{count:,} windows, more than {MAX_WINDOWS:,}: shorten the range (SFMC "
             "keeps 30 days) or widen --window"
         )

@@ -637,6 +637,14 @@ def test_the_summary_names_three_failed_windows_and_counts_the_rest() -> None:
     assert "; 9 more (see status)" in line
 
 
+def test_the_summary_of_a_run_with_nothing_new_writes_its_end_in_utc_with_z() -> None:
+    result = twelve_windows(windows=0, complete=True)
+
+    line = summary_line(result)
+
+    assert line == "nothing new since the last export, which ended 2026-11-03T12:00:00Z"
+
+
 def test_the_summary_of_a_run_stopped_by_the_disk_names_the_disk() -> None:
     disk_full = "cannot write o.csv.partial: No space left on device; rerun once ..."
     result = twelve_windows(exported=12, error=disk_full)
