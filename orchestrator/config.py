@@ -397,9 +397,7 @@ def _build_range(
     # checked exact, and a row at the edge could land in the wrong window.
     start, end = _whole_millis(start), _whole_millis(end)
     if end <= start:
-        raise UsageError(
-            f"end {iso(end)} is not after start {iso(start)}"
-        )
+        raise UsageError(f"end {iso(end)} is not after start {iso(start)}")
 
     if end > now:
         raise UsageError(
