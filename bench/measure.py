@@ -121,7 +121,7 @@ def compile_package(python: str, env: Mapping[str, str]) -> Path:
 
     An editable install leaves it to the first run, and with
     PYTHONDONTWRITEBYTECODE set (as on the machine these figures come from) every
-    run would compile the package from source again: about 0.1 s of each start-up.
+    run would compile the package from source again: about 0.2 s of each start-up.
     """
     where = [python, "-c", "import orchestrator; print(orchestrator.__path__[0])"]
     found = subprocess.run(where, env=dict(env), check=True, capture_output=True)

@@ -18,7 +18,12 @@ from typing import Any, NoReturn
 from orchestrator import __version__, commands, sfmc
 from orchestrator.demo import add_commands as add_sandbox_commands
 from orchestrator.errors import ExitCode, JourneyExportError
-from orchestrator.launch import INTERRUPTED_LINE, json_logs_asked, tell_the_end
+from orchestrator.launch import (
+    INTERRUPTED_LINE,
+    ignore_late_stops,
+    json_logs_asked,
+    tell_the_end,
+)
 from orchestrator.reporting import ClearingHandler, JsonFormatter, ProgressDisplay
 
 EPILOG = (
@@ -63,8 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args)
     try:
         handler: Callable[[argparse.Namespace], int] = args.handler
-        return handler(args)
+        code = handler(args)
+        # The command is over: a stop from now on would only lose its exit code.
+        # (One that came just before this line is caught below.)
+        ignore_late_stops()
+        return code
     except BaseException as error:
+        if isinstance(error, KeyboardInterrupt):
+            ignore_late_stops()
+
         code, line = _exit_code_for(error)
         if line:
             tell_the_end(line, code, as_json=args.log_format == "json")

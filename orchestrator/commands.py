@@ -38,6 +38,7 @@ from orchestrator.incremental import (
 )
 from orchestrator.launch import (
     STOPPING_SIGNALS,
+    answer,
     ignore_late_stops,
     json_logs_asked,
     tell_the_end,
@@ -279,7 +280,7 @@ def _finish(args: argparse.Namespace, result: ExportResult) -> int:
     """Print the summary line, write the reports, and give the exit code."""
     code = exit_code_of(result)
     line = summary_line(result)
-    print(line)
+    answer(line)  # a stdout nobody reads stops neither the reports nor the code
     _write_reports(args, result, code)
     if getattr(args, "log_format", "text") == "json":  # the log ends as with errors
         level = {ExitCode.OK: "info", ExitCode.TIME_BUDGET: "warning"}.get(code)

@@ -17,6 +17,7 @@ from orchestrator.config import ExportRequest, RunSettings
 from orchestrator.credentials import Credentials
 from orchestrator.errors import ExitCode, UsageError
 from orchestrator.export import ExportResult, run_export
+from orchestrator.launch import answer
 from orchestrator.manifest import ExportPaths
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def command_demo(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
 
     result = anyio.run(_demo, args.output, args.hours)
-    print(demo_summary(result))
+    answer(demo_summary(result))
     return int(ExitCode.OK if result.complete else ExitCode.WINDOWS_FAILED)
 
 

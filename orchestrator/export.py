@@ -162,7 +162,7 @@ def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowR
         if not found:
             raise UsageError(
                 f"--redo {choice!r} names no window of this export, which covers "
-                f"{manifest.request['start']} to {manifest.request['end']}"
+                f"{_range_of(manifest)}"
             )
 
         chosen += found
@@ -345,10 +345,9 @@ def _check_same_request(
     provisional = any(record.provisional for record in manifest.windows)
     if differing <= {"start", "end"} and (provisional or not manifest.complete):
         logger.info(
-            "going on with the export of %s to %s (%s): the same command, whose "
+            "going on with the export of %s (%s): the same command, whose "
             "relative times now mean another range",
-            manifest.request["start"],
-            manifest.request["end"],
+            _range_of(manifest),
             "its provisional windows" if manifest.complete else "unfinished",
         )
         return
@@ -358,7 +357,7 @@ def _check_same_request(
     if manifest.complete:
         raise ManifestError(
             f"{paths.output} already holds a complete export of "
-            f"{manifest.request['start']} to {manifest.request['end']} ({shown} "
+            f"{_range_of(manifest)} ({shown} "
             f"{verb}); choose another --output (with --since-last, name outputs to "
             "the minute: {start:%Y%m%dT%H%MZ}), or delete that file and its "
             ".manifest.json to replace it"
@@ -448,3 +447,12 @@ __all__ = [
     "retained_windows",
     "run_export",
 ]
+
+
+def _range_of(manifest: Manifest) -> str:
+    """The export's range as messages give times: ``2026-11-03T05:00:00Z to ...``."""
+    start, end = (
+        iso(dt.datetime.fromisoformat(manifest.request[key]))
+        for key in ("start", "end")
+    )
+    return f"{start} to {end}"

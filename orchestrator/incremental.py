@@ -108,7 +108,8 @@ def record_end(path: Path, key: str, *, end: str, output: str) -> None:
         "recorded": iso(dt.datetime.now(dt.UTC)),
     }
     write_atomically(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
-    logger.info("recorded %s as the start of the next --since-last run", end)
+    shown = iso(dt.datetime.fromisoformat(end))
+    logger.info("recorded %s as the start of the next --since-last run", shown)
 
 
 @dataclass(frozen=True, slots=True)

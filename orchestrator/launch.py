@@ -8,6 +8,7 @@ bare kill. Nothing has been written to the output by then.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -30,6 +31,7 @@ STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with SIGTERM and SIGHUP treated as SIGINT until a run
     takes over."""
+    keep_standard_streams_open()
     listen_for_stops()
     try:
         # Imported here, where a signal during the import is caught.
@@ -56,11 +58,11 @@ def run_and_exit() -> NoReturn:
     its modules (about 0.1 s of every run), which changes nothing on disk.
     """
     code = main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:
-        sys.exit(code)  # a closed pipe, say: let the normal exit report it
+    for stream in (sys.stdout, sys.stderr):
+        # A reader that went away (a closed pipe) or a full disk behind stdout
+        # loses the rest of the answer, not the exit code.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
 
     for thread in threading.enumerate():  # none are expected; wait as exit would
         if thread is not threading.current_thread() and not thread.daemon:
@@ -68,6 +70,36 @@ def run_and_exit() -> NoReturn:
 
     logging.shutdown()
     os._exit(code)
+
+
+def keep_standard_streams_open() -> None:
+    """Point a closed stdin, stdout or stderr at /dev/null.
+
+    Otherwise the next file opened (the output, the manifest) would take that
+    descriptor's number, and whatever is written to that stream would land in it.
+    """
+    for descriptor, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)  # the lowest number free
+            if opened != descriptor:
+                os.dup2(opened, descriptor)
+                os.close(opened)
+
+        if getattr(sys, name) is None:
+            mode = "r" if descriptor == 0 else "w"
+            setattr(sys, name, open(descriptor, mode, closefd=False))  # noqa: SIM115
+
+
+def answer(line: str) -> None:
+    """Print a line of the command's answer on stdout. A reader that went away (a
+    closed pipe, ``| head``) or a full disk there loses the rest of the answer,
+    not the command's exit code."""
+    try:
+        print(line)
+    except OSError:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing reads it now
 
 
 def json_logs_asked(argv: Sequence[str] | None = None) -> bool:
@@ -83,7 +115,7 @@ def tell_the_end(line: str, code: int, *, as_json: bool, level: str = "error") -
     would break the line (a newline in a file name) are shown escaped."""
     line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
     if not as_json:
-        print(line, file=sys.stderr)
+        _to_stderr(line)
         return
 
     event = {
@@ -94,7 +126,12 @@ def tell_the_end(line: str, code: int, *, as_json: bool, level: str = "error") -
         "event": "exit",
         "exit_code": code,
     }
-    print(json.dumps(event), file=sys.stderr)
+    _to_stderr(json.dumps(event))
+
+
+def _to_stderr(line: str) -> None:
+    with contextlib.suppress(OSError, ValueError):  # nobody reads it any more
+        print(line, file=sys.stderr, flush=True)
 
 
 def listen_for_stops() -> None:

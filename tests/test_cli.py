@@ -701,3 +701,56 @@ def test_a_signal_after_the_run_is_over_changes_nothing() -> None:
     done = run_python(LATE_STOP)
 
     assert (done.returncode, done.stdout) == (0, "survived\n"), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "closing", "code"),
+    [
+        (["values", "column"], ">&-", 0),
+        (["values", "column"], "2>&-", 0),
+        (["run", "--bogus"], "2>&-", 2),
+        (["plan", "--start", "-3h"], ">&- 2>&-", 0),
+    ],
+)
+def test_a_closed_stdout_or_stderr_changes_no_exit_code(
+    args: list[str], closing: str, code: int
+) -> None:
+    script = f'exec "$@" {closing}'
+    command = ["sh", "-c", script, "sh", *PYTHON, *args]
+    done = subprocess.run(command, capture_output=True, timeout=60, check=False)
+
+    assert done.returncode == code, done.stderr
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_a_run_whose_stdout_reader_went_away_keeps_its_exit_code_and_reports(
+    tmp_path: Path, unbuffered: str
+) -> None:
+    # Each window takes 2 s to answer and the budget is 1 s: the run ends with
+    # exit 5 after its first window, whose summary line nobody reads.
+    process, port = start_sandbox("rows_per_hour=50", "first_byte_seconds=2")
+    env = {**env_for(port), "PYTHONUNBUFFERED": unbuffered}
+    report = tmp_path / "report.json"
+    command = [*PYTHON, "--log-format", "json", "run", "--max-duration", "1s"]
+    command += [*range_args(3, tmp_path / "o.csv"), "--concurrency", "1"]
+    command += ["--no-estimate", "--report", str(report)]
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            command,
+            check=False,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+        process.terminate()
+        process.wait(10)
+
+    assert done.returncode == 5, done.stderr
+    assert json.loads(report.read_text())["exit_code"] == 5
+    last = json.loads(done.stderr.splitlines()[-1])
+    assert (last["event"], last["exit_code"]) == ("exit", 5)

@@ -24,13 +24,14 @@ from orchestrator.export import ExportResult, Hooks, run_export
 from orchestrator.manifest import DONE, MERGED, ExportPaths, Manifest, WindowRecord
 from orchestrator.merger import Assembler, Batch
 from orchestrator.reporting import Progress, progress_line
-from orchestrator.sandbox import SandboxServer, SandboxSettings, parse_faults
+from orchestrator.sandbox import History, SandboxServer, SandboxSettings, parse_faults
 from orchestrator.sandbox.faults import DOWNLOAD_KINDS
 from tests.conftest import (
     HOUR,
     credentials_for,
     expected_output,
     find_range_with_empty_hour,
+    hour_now,
     run_settings,
 )
 
@@ -155,15 +156,31 @@ async def test_a_slow_healthy_download_is_not_cut(tmp_path: Path) -> None:
         SandboxSettings(rows_per_hour=200, bandwidth_bytes_per_second=20_000)
     )
     async with sandbox:
+        # One window of at least 40,000 bytes: 2 s at 20,000 bytes per second.
+        start = hour_with_bytes(sandbox.history, at_least=40_000)
+        settings = run_settings(
+            output, start, start + HOUR, http=http, compression="none"
+        )
         started = anyio.current_time()
-        result, start = await export_with(
-            sandbox, output, hours=3, http=http, compression="none", concurrency=1
+        result = await run_export(
+            settings, credentials_for(sandbox), hooks=Hooks(sleep=no_wait)
         )
         elapsed = anyio.current_time() - started
 
     assert result.complete and result.retries == 0
-    assert elapsed > 1.0  # longer than the read timeout, yet never cut
-    assert_exported_exactly(output, sandbox, start, 3 * HOUR)
+    assert elapsed > 1.5  # three times the read timeout, yet never cut
+    assert_exported_exactly(output, sandbox, start, HOUR)
+
+
+def hour_with_bytes(history: History, *, at_least: int) -> dt.datetime:
+    """The latest whole hour of the history whose body is at least that long."""
+    now = hour_now()
+    for back in range(2, 24 * 20):
+        start = now - back * HOUR
+        if len(expected_output(history, start, start + HOUR)) >= at_least:
+            return start
+
+    raise AssertionError(f"no hour of the history holds {at_least:,} bytes")
 
 
 async def test_short_token_lifetime_is_renewed_before_expiry(tmp_path: Path) -> None:
