@@ -22,6 +22,7 @@ from orchestrator.download import Estimate, JourneyHistoryClient
 from orchestrator.errors import (
     PermanentError,
     RetryableError,
+    StateWriteError,
     ThrottledError,
     TooLargeError,
     WindowError,
@@ -272,9 +273,12 @@ class ExportJob:
         try:
             return await self.client.download(record.window, temporary)
         except OSError as error:
+            # The disk, not the server: no window can be written, and nothing about
+            # the request is wrong. The run stops (exit 1) and a rerun goes on.
             temporary.unlink(missing_ok=True)
-            raise PermanentError(
-                f"cannot write the part {temporary}: {error.strerror or error}"
+            raise StateWriteError(
+                f"cannot write the part {temporary}: {error.strerror or error}; "
+                "rerun once it can be written (free space, say)"
             ) from None
         except BaseException:
             temporary.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,21 +225,23 @@ class Manifest:
             self.save()
 
     def save(self) -> None:
-        """Replace the manifest on disk atomically and durably."""
-        content = {
-            "version": VERSION,
-            "request": self.request,
-            "merged_bytes": self.merged_bytes,
-            "newline": self.newline,
-            "complete": self.complete,
-            "extra": self.extra,
-            "windows": [record.to_json() for record in self.windows],
-        }
-        document = {"manifest": content, "sha256": _digest(content)}
+        """Replace the manifest on disk atomically and durably.
+
+        The content is written as its checksum reads it (canonical JSON), a few
+        hundred windows at a time: an export of tens of thousands of windows never
+        holds its whole manifest in memory as text.
+        """
         temporary = self.path.with_name(self.path.name + ".tmp")
         try:
             with open_private(temporary) as stream:
-                stream.write(json.dumps(document, separators=(",", ":")).encode())
+                digest = hashlib.sha256()
+                stream.write(b'{"manifest":')
+                for piece in self._canonical_pieces():
+                    encoded = piece.encode()
+                    digest.update(encoded)
+                    stream.write(encoded)
+
+                stream.write(f',"sha256":"{digest.hexdigest()}"}}'.encode())
                 stream.flush()
                 os.fsync(stream.fileno())
 
@@ -251,6 +254,26 @@ class Manifest:
                 f"cannot write the manifest {self.path}: {error.strerror or error}; "
                 "the last good state is kept: free space (or fix the folder) and rerun"
             ) from None
+
+    def _canonical_pieces(self, batch: int = 500) -> Iterator[str]:
+        """The content as :func:`_digest` writes it, in pieces ("windows" sorts
+        last among its keys)."""
+        rest = {
+            "version": VERSION,
+            "request": self.request,
+            "merged_bytes": self.merged_bytes,
+            "newline": self.newline,
+            "complete": self.complete,
+            "extra": self.extra,
+        }
+        head = _canonical(rest)
+        yield head[:-1] + ',"windows":['
+        for first in range(0, len(self.windows), batch):
+            records = self.windows[first : first + batch]
+            listed = _canonical([record.to_json() for record in records])
+            yield listed[1:-1] if first == 0 else "," + listed[1:-1]
+
+        yield "]}"
 
     def find(self, window: Window) -> WindowRecord:
         for record in self.windows:
@@ -307,5 +330,8 @@ def _check_tiling(manifest: Manifest) -> None:
 
 
 def _digest(content: dict[str, Any]) -> str:
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_canonical(content).encode()).hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -89,13 +89,32 @@ class WindowPool:
         An error that concerns the whole run (credentials rejected, a refused URL)
         stops every window and is raised here.
         """
+        # Windows wait for their turn here, not each as a task of its own: tens of
+        # thousands of waiting tasks would cost memory, and time once the budget is
+        # spent. Twice the most workers keeps the next windows queued at the
+        # limiter.
+        turns = anyio.Semaphore(2 * self._limiter.maximum)
         async with anyio.create_task_group() as group:
             self._group = group
             for record in records:
-                group.start_soon(self._export, record)
+                await turns.acquire()
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    self.out_of_time = True
+                    turns.release()
+                    break
+
+                group.start_soon(self._export_in_turn, record, turns)
 
         if self._fatal is not None:
             raise self._fatal
+
+    async def _export_in_turn(
+        self, record: WindowRecord, turns: anyio.Semaphore
+    ) -> None:
+        try:
+            await self._export(record)
+        finally:
+            turns.release()
 
     async def _export(self, record: WindowRecord) -> None:
         try:

@@ -23,6 +23,7 @@ from orchestrator.errors import CredentialsError, ExitCode, StateWriteError, Usa
 from orchestrator.export import ExportResult, Hooks, run_export
 from orchestrator.manifest import DONE, MERGED, ExportPaths, Manifest, WindowRecord
 from orchestrator.merger import Assembler, Batch
+from orchestrator.parts import PartWriter
 from orchestrator.reporting import Progress, progress_line
 from orchestrator.sandbox import History, SandboxServer, SandboxSettings, parse_faults
 from orchestrator.sandbox.faults import DOWNLOAD_KINDS
@@ -668,3 +669,27 @@ async def test_the_manifest_is_saved_while_one_window_holds_the_rest_up(
 
     assert result.complete
     assert max(seen_done) == 3  # saved while window 1 was still out
+
+
+async def test_a_disk_that_refuses_parts_stops_the_run_as_a_disk_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "o.csv"
+
+    def file_too_large(writer: PartWriter) -> None:
+        raise OSError(errno.EFBIG, "File too large")
+
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        with monkeypatch.context() as patched:
+            patched.setattr(PartWriter, "store", file_too_large)
+            with pytest.raises(StateWriteError) as stopped:
+                await export_with(sandbox, output)
+
+        second, start = await export_with(sandbox, output)
+
+    # Not a window the server refused (exit 2, do not retry): the disk (exit 1).
+    assert stopped.value.exit_code == ExitCode.WINDOWS_FAILED
+    assert "File too large; rerun once it can be written" in str(stopped.value)
+    assert not list(ExportPaths(output).parts.glob("*.tmp"))
+    assert second.complete
+    assert_exported_exactly(output, sandbox, start, 4 * HOUR)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -578,3 +579,26 @@ def test_a_manifest_that_is_not_a_regular_file_is_refused_without_reading_it(
 
     with pytest.raises(ManifestError, match="is not a regular file: move it away"):
         Manifest.load(path)
+
+
+def test_a_manifest_of_many_windows_is_saved_in_pieces_under_one_checksum(
+    tmp_path: Path,
+) -> None:
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    windows = plan_windows(
+        start, start + dt.timedelta(hours=1203), dt.timedelta(hours=1)
+    )
+    records = [
+        WindowRecord(window, rows=i, error="é\u2028")
+        for i, window in enumerate(windows)
+    ]
+    request = {"start": start.isoformat(), "end": windows[-1].end.isoformat()}
+    manifest = Manifest(tmp_path / "m.json", request, records, extra={"note": "ü"})
+
+    manifest.save()
+
+    document = json.loads(manifest.path.read_bytes())
+    canonical = json.dumps(document["manifest"], sort_keys=True, separators=(",", ":"))
+    assert manifest.path.read_text().startswith('{"manifest":' + canonical + ",")
+    assert document["sha256"] == hashlib.sha256(canonical.encode()).hexdigest()
+    assert Manifest.load(manifest.path).windows == records
