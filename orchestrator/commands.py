@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -276,13 +277,21 @@ def _run(
     )
 
 
-def _finish(args: argparse.Namespace, result: ExportResult) -> int:
-    """Print the summary line, write the reports, and give the exit code."""
-    code = exit_code_of(result)
+def _finish(
+    args: argparse.Namespace, result: ExportResult, *, problem: str | None = None
+) -> int:
+    """Print the summary line, write the reports, and give the exit code; a
+    ``problem`` after the export (its end not recorded) makes it exit 1."""
+    code = ExitCode.WINDOWS_FAILED if problem else exit_code_of(result)
     line = summary_line(result)
     answer(line)  # a stdout nobody reads stops neither the reports nor the code
-    _write_reports(args, result, code)
-    if getattr(args, "log_format", "text") == "json":  # the log ends as with errors
+    _write_reports(
+        args, dataclasses.replace(result, error=problem or result.error), code
+    )
+    as_json = getattr(args, "log_format", "text") == "json"
+    if problem:
+        tell_the_end(f"journey-export: error: {problem}", int(code), as_json=as_json)
+    elif as_json:  # the log ends as with errors
         level = {ExitCode.OK: "info", ExitCode.TIME_BUDGET: "warning"}.get(code)
         tell_the_end(line, int(code), as_json=True, level=level or "error")
 
@@ -313,8 +322,19 @@ def _run_since_last(
     settings = build_settings(plan.options, config, now=_now())
     check_written_paths(args, settings.output, inputs_of(args, options, config))
     result = _run(args, settings, credentials)
-    if result.complete:
+    if not result.complete:
+        return _finish(args, result)
+
+    try:
         record_end(plan.state, plan.key, end=result.end, output=result.output)
+    except OSError as error:
+        return _finish(
+            args,
+            result,
+            problem=f"the export is complete, but its end could not be recorded in "
+            f"{plan.state} ({error.strerror or error}): fix that, then rerun the same "
+            "command, which finds the export and records it",
+        )
 
     return _finish(args, result)
 

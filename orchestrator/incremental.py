@@ -112,6 +112,35 @@ def record_end(path: Path, key: str, *, end: str, output: str) -> None:
     logger.info("recorded %s as the start of the next --since-last run", shown)
 
 
+def record_first_start(path: Path, key: str, *, start: str, given: Any) -> None:
+    """Record where the first export of ``key`` begins (``given`` is the --start
+    that put it there), until it completes."""
+    state = read_state(path)
+    state[key] = {
+        "first_start": start,
+        "given_start": str(given),
+        "recorded": iso(dt.datetime.now(dt.UTC)),
+    }
+    try:
+        write_atomically(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    except OSError as error:
+        raise UsageError(
+            f"cannot write the state file {path} ({error.strerror or error}): make "
+            "its folder writable or give --state-file, then rerun"
+        ) from None
+
+
+def _first_run_start(state: Mapping[str, Any], key: str, *, given: Any) -> str | None:
+    """The start an unfinished first run recorded with the same --start, if any."""
+    entry = state.get(key)
+    if not isinstance(entry, dict) or "end" in entry:
+        return None
+
+    start = _aware_utc(entry.get("first_start"))
+    same = entry.get("given_start") == str(given)
+    return iso(start) if start and same else None
+
+
 @dataclass(frozen=True, slots=True)
 class SinceLast:
     """The range of an incremental run: ``options`` is None when nothing is new."""
@@ -138,7 +167,13 @@ def plan_since_last(
     probe = build_settings({**options, "start": "-1h", "end": "now"}, config, now=now)
     key = request_key(probe.request, probe.window)
     path = state_file_of(options, config)
-    start = last_end(read_state(path), key, path=path)
+    state = read_state(path)
+    start = last_end(state, key, path=path)
+    if start is None:
+        # An unfinished first run recorded where its --start put it: the same
+        # command goes on with that export, even with a relative --start ("-30d").
+        first = _first_run_start(state, key, given=first) or first
+
     if start is None and first is None:
         raise UsageError(
             f"--since-last: no complete export of this request is recorded in {path}; "
@@ -157,7 +192,11 @@ def plan_since_last(
     if parse_time(begin, now=now, name="start") >= end:
         return SinceLast(None, path, key, begin)
 
-    return SinceLast(chosen, path, key, begin)
+    if start is None:
+        chosen["start"] = iso(build_settings(chosen, config, now=now).start)
+        record_first_start(path, key, start=chosen["start"], given=first)
+
+    return SinceLast(chosen, path, key, chosen["start"])
 
 
 def _refuse_a_chain_past_retention(

@@ -682,3 +682,81 @@ def test_a_signal_during_start_up_is_json_too_under_json_logs() -> None:
     event = json.loads(done.stderr)
     assert event["message"] == "journey-export: interrupted; rerun the same command"
     assert event["exit_code"] == ExitCode.INTERRUPTED
+
+
+def test_a_first_since_last_run_with_a_relative_start_is_resumed_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each window takes 0.6 s and the budget is 1 s: the first run stops (exit 5).
+    # The same command two minutes later must go on with that export, though
+    # "-6h" now means another minute (and so another output name).
+    process, port = start_sandbox("rows_per_hour=40", "first_byte_seconds=0.6")
+    template = str(tmp_path / "j_{start:%Y%m%dT%H%MZ}.csv")
+    command = ["run", "--since-last", "--start", "-6h", "--output", template]
+    command += ["--concurrency", "1", "--no-estimate", "--quiet"]
+    started = dt.datetime.now(dt.UTC)
+    try:
+        with monkeypatch.context() as patched:
+            for name, value in env_for(port).items():
+                patched.setenv(name, value)
+            root = logging.getLogger()  # main() sets up logging: put it back after
+            patched.setattr(root, "handlers", list(root.handlers))
+            patched.setattr(root, "level", root.level)
+            stopped = main([*command, "--max-duration", "1s"])
+            later = started + dt.timedelta(minutes=2)
+            patched.setattr(commands, "_now", lambda: later)
+            resumed = main(command)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+    assert (stopped, resumed) == (ExitCode.TIME_BUDGET, ExitCode.OK)
+    (output,) = tmp_path.glob("j_*.csv")  # one export, complete
+    assert not list(tmp_path.glob("j_*.csv.p*"))  # its partial and parts gone
+    state = json.loads((tmp_path / "journey-export.state.json").read_text())
+    (entry,) = state.values()
+    assert set(entry) == {"end", "output", "recorded"}
+    assert entry["output"] == str(output)
+    first_start = dt.datetime.strptime(output.name, "j_%Y%m%dT%H%MZ.csv")
+    assert started - 6 * HOUR - first_start.replace(tzinfo=dt.UTC) < dt.timedelta(
+        minutes=2
+    )
+
+
+def test_an_end_that_cannot_be_recorded_exits_1_with_its_reports_and_is_recorded_later(
+    tmp_path: Path,
+    sandbox_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    template = str(tmp_path / "j_{start:%Y%m%dT%H%M}.csv")
+    report = tmp_path / "report.json"
+    start = (hour_now() - 4 * HOUR).isoformat()
+    command = ["run", "--since-last", "--start", start, "--output", template]
+    command += ["--report", str(report)]
+
+    def read_only(path: Path, key: str, *, end: str, output: str) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with monkeypatch.context() as patched:
+        for name, value in env_for(sandbox_port).items():
+            patched.setenv(name, value)
+        root = logging.getLogger()  # main() sets up logging: put it back after
+        patched.setattr(root, "handlers", list(root.handlers))
+        patched.setattr(root, "level", root.level)
+        with monkeypatch.context() as failing:
+            failing.setattr(commands, "record_end", read_only)
+            unrecorded = main(command)
+        written = json.loads(report.read_text())
+        out, err = capsys.readouterr()
+        recorded = main(command)
+
+    assert unrecorded == ExitCode.WINDOWS_FAILED
+    assert "export complete" in out
+    assert "its end could not be recorded" in err.splitlines()[-1]
+    assert (written["exit_code"], written["complete"]) == (1, True)
+    assert "could not be recorded" in written["error"]
+    assert recorded == ExitCode.OK
+    state = json.loads((tmp_path / "journey-export.state.json").read_text())
+    (entry,) = state.values()
+    assert "end" in entry
