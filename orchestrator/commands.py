@@ -206,12 +206,12 @@ def _recorded_so_far(output: str | Path | None) -> dict[str, Any]:
         return {}
 
     manifest_path = ExportPaths(Path(output)).manifest
-    if not manifest_path.is_file():
-        return {}
+    try:  # a name too long for the manifest's makes even the look raise
+        if not manifest_path.is_file():
+            return {}
 
-    try:
         manifest = Manifest.load(manifest_path)
-    except JourneyExportError:
+    except (OSError, JourneyExportError):
         return {}
 
     rows, size = manifest.totals()

@@ -90,9 +90,15 @@ def read_credentials_file(path: Path) -> dict[str, str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
-        raise UsageError(f"credentials file {path}: {error.strerror}") from None
+        raise UsageError(
+            f"credentials file {path}: {error.strerror}; make credentials.file in the "
+            "config name a readable file of NAME=value lines"
+        ) from None
     except UnicodeDecodeError:
-        raise UsageError(f"credentials file {path}: not UTF-8 text") from None
+        raise UsageError(
+            f"credentials file {path}: not UTF-8 text; write it as NAME=value lines "
+            "in UTF-8"
+        ) from None
 
     found: dict[str, str] = {}
     for number, line in enumerate(lines, start=1):

@@ -28,7 +28,7 @@ from orchestrator.manifest import (
     WindowRecord,
 )
 from orchestrator.merger import Assembler
-from orchestrator.parts import nearest_existing
+from orchestrator.parts import make_private_folders, nearest_existing
 from orchestrator.planner import Window, plan_windows
 from orchestrator.timeparse import iso, parse_time
 
@@ -76,7 +76,7 @@ def _lock_output(settings: RunSettings, paths: ExportPaths) -> OutputLock:
         )
 
     try:
-        settings.output.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_folders(settings.output.parent)
         return OutputLock(paths.lock, state=paths.manifest).__enter__()
     except OSError as error:
         raise UsageError(
@@ -353,19 +353,17 @@ def _check_same_request(
         return
 
     shown = ", ".join(sorted(_REQUEST_WORDS.get(key, key) for key in differing))
-    verb = "differs" if len(differing) == 1 else "differ"
     if manifest.complete:
         raise ManifestError(
             f"{paths.output} already holds a complete export of "
-            f"{_range_of(manifest)} ({shown} "
-            f"{verb}); choose another --output (with --since-last, name outputs to "
-            "the minute: {start:%Y%m%dT%H%MZ}), or delete that file and its "
-            ".manifest.json to replace it"
+            f"{_range_of(manifest)} (different: {shown}); choose another --output "
+            "(with --since-last, name outputs to the minute: {start:%Y%m%dT%H%MZ}), "
+            "or delete that file and its .manifest.json to replace it"
         )
 
     raise ManifestError(
         f"{paths.output} belongs to an unfinished export with a different request "
-        f"({shown} {verb}); rerun with the same options, use another --output, or "
+        f"(different: {shown}); rerun with the same options, use another --output, or "
         "add --restart to discard that export and start over"
     )
 

@@ -754,3 +754,18 @@ def test_a_run_whose_stdout_reader_went_away_keeps_its_exit_code_and_reports(
     assert json.loads(report.read_text())["exit_code"] == 5
     last = json.loads(done.stderr.splitlines()[-1])
     assert (last["event"], last["exit_code"]) == ("exit", 5)
+
+
+@pytest.mark.parametrize("length", [242, 255])
+def test_an_output_name_too_long_for_its_manifest_is_refused_with_exit_2(
+    tmp_path: Path, length: int
+) -> None:
+    # The name itself fits the filesystem; the manifest's beside it would not.
+    output = tmp_path / ("b" * (length - 4) + ".csv")
+    done = journey_export(
+        "run", *range_args(2, output), "--report", str(tmp_path / "r.json")
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert "is too long" in done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 2

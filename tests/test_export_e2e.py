@@ -125,13 +125,16 @@ async def test_tsv_with_every_column_and_filters(tmp_path: Path) -> None:
 async def test_output_and_manifest_are_private(tmp_path: Path) -> None:
     async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
         start = find_range_with_empty_hour(sandbox.history)
-        output = tmp_path / "out.csv"
+        output = tmp_path / "new" / "folders" / "out.csv"
         await run_export(
             run_settings(output, start, start + 2 * HOUR), credentials_for(sandbox)
         )
 
     for path in (output, ExportPaths(output).manifest):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    for folder in (output.parent, output.parent.parent):  # each one it created
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
 async def test_rerun_of_a_complete_export_requests_nothing(tmp_path: Path) -> None:
