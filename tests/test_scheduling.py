@@ -44,6 +44,17 @@ from tests.test_cli import (
 NOW = dt.datetime(2026, 11, 20, 12, 34, 56, tzinfo=dt.UTC)
 
 
+def prepare_in_process(patched: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """Give main() this environment, and put the root logger back after it (main()
+    sets up logging)."""
+    for name, value in env.items():
+        patched.setenv(name, value)
+
+    root = logging.getLogger()
+    patched.setattr(root, "handlers", list(root.handlers))
+    patched.setattr(root, "level", root.level)
+
+
 def settings(**options: object) -> object:
     return build_settings({"output": "o.csv", **options}, {}, now=NOW)
 
@@ -367,12 +378,8 @@ def test_since_last_survives_a_lost_state_and_a_failed_report(
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     with monkeypatch.context() as patched:  # the metrics fail after the export
-        for name, value in env.items():
-            patched.setenv(name, value)
+        prepare_in_process(patched, env)
         patched.setattr(commands, "write_atomically", disk_full)
-        root = logging.getLogger()  # main() sets up logging: put it back after
-        patched.setattr(root, "handlers", list(root.handlers))
-        patched.setattr(root, "level", root.level)
         code = main(
             ["run", "--since-last", "--start", start, "--output", template,
              "--prometheus", str(tmp_path / "x.prom")]
@@ -697,11 +704,7 @@ def test_a_first_since_last_run_with_a_relative_start_is_resumed_later(
     started = dt.datetime.now(dt.UTC)
     try:
         with monkeypatch.context() as patched:
-            for name, value in env_for(port).items():
-                patched.setenv(name, value)
-            root = logging.getLogger()  # main() sets up logging: put it back after
-            patched.setattr(root, "handlers", list(root.handlers))
-            patched.setattr(root, "level", root.level)
+            prepare_in_process(patched, env_for(port))
             stopped = main([*command, "--max-duration", "1s"])
             later = started + dt.timedelta(minutes=2)
             patched.setattr(commands, "_now", lambda: later)
@@ -739,11 +742,7 @@ def test_an_end_that_cannot_be_recorded_exits_1_with_its_reports_and_is_recorded
         raise PermissionError(13, "Permission denied", str(path))
 
     with monkeypatch.context() as patched:
-        for name, value in env_for(sandbox_port).items():
-            patched.setenv(name, value)
-        root = logging.getLogger()  # main() sets up logging: put it back after
-        patched.setattr(root, "handlers", list(root.handlers))
-        patched.setattr(root, "level", root.level)
+        prepare_in_process(patched, env_for(sandbox_port))
         with monkeypatch.context() as failing:
             failing.setattr(commands, "record_end", read_only)
             unrecorded = main(command)
