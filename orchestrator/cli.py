@@ -32,8 +32,9 @@ EPILOG = (
     "5 time budget spent (rerun to go on), 130 interrupted (rerun to go on)"
 )
 SHORT_EPILOG = (
-    "exit codes: 0 done, 2 bad usage or input; with plan --estimate also 1 token "
-    "endpoint unreachable, 3 credentials rejected, 130 interrupted"
+    "exit codes: 0 done, 1 the answer could not be written (a full disk behind "
+    "stdout), 2 bad usage or input; with plan --estimate also 1 token endpoint "
+    "unreachable, 3 credentials rejected, 130 interrupted"
 )
 _TIME_FLAGS = frozenset(
     {"--start", "--end", "--last", "--window", "--max-duration", "--redo"}

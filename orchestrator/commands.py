@@ -35,6 +35,7 @@ from orchestrator.incremental import (
     nothing_new,
     plan_since_last,
     record_end,
+    restore_entry,
     state_file_of,
 )
 from orchestrator.launch import (
@@ -174,8 +175,10 @@ def _report_failure(
 ) -> None:
     """Leave a report of a run that ended with an error, for monitoring: with what
     the export's manifest holds when there is one (a run stopped by a signal)."""
+    # A --since-last run's output, once its name is known, not the template.
+    output = getattr(args, "resolved_output", None) or getattr(args, "output", None)
     report = {
-        "output": str(getattr(args, "output", "") or ""),
+        "output": str(output or ""),
         "complete": False,
         "exit_code": int(error.exit_code),
         "error": str(error),
@@ -187,7 +190,7 @@ def _report_failure(
         "retries": 0,
         "throttled": 0,
         "finished_at": _now().isoformat(),
-        **_recorded_so_far(args.output),
+        **_recorded_so_far(output),
     }
     try:
         if args.report:
@@ -319,9 +322,16 @@ def _run_since_last(
     if plan.options is None:
         return _finish(args, nothing_new(plan.start))
 
-    settings = build_settings(plan.options, config, now=_now())
-    check_written_paths(args, settings.output, inputs_of(args, options, config))
-    result = _run(args, settings, credentials)
+    try:
+        settings = build_settings(plan.options, config, now=_now())
+        args.resolved_output = settings.output
+        check_written_paths(args, settings.output, inputs_of(args, options, config))
+        result = _run(args, settings, credentials)
+    except UsageError:
+        if plan.recorded_first:  # refused before it began: no first start to keep
+            restore_entry(plan.state, plan.key, plan.replaced)
+        raise
+
     if not result.complete:
         return _finish(args, result)
 

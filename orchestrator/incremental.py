@@ -130,15 +130,36 @@ def record_first_start(path: Path, key: str, *, start: str, given: Any) -> None:
         ) from None
 
 
-def _first_run_start(state: Mapping[str, Any], key: str, *, given: Any) -> str | None:
-    """The start an unfinished first run recorded with the same --start, if any."""
+def _first_run_start(
+    state: Mapping[str, Any], key: str, *, given: Any, path: Path
+) -> str | None:
+    """The start an unfinished first run recorded with the same --start, if any; a
+    damaged record raises UsageError."""
     entry = state.get(key)
     if not isinstance(entry, dict) or "end" in entry:
         return None
 
     start = _aware_utc(entry.get("first_start"))
-    same = entry.get("given_start") == str(given)
-    return iso(start) if start and same else None
+    if start is None or not isinstance(entry.get("given_start"), str):
+        raise UsageError(
+            f"state file {path}: the first start recorded for request {key} "
+            f"({reprlib.repr(entry.get('first_start'))}, given as "
+            f"{reprlib.repr(entry.get('given_start'))}) is not usable; remove that "
+            "entry (or the file) and rerun with --start"
+        )
+
+    return iso(start) if entry["given_start"] == str(given) else None
+
+
+def restore_entry(path: Path, key: str, entry: Any) -> None:
+    """Put back what the state held for ``key`` before this run (None: nothing)."""
+    state = read_state(path)
+    if entry is None:
+        state.pop(key, None)
+    else:
+        state[key] = entry
+
+    write_atomically(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +170,10 @@ class SinceLast:
     state: Path
     key: str
     start: str
+    # What the state held for ``key`` before this run recorded a first start (to
+    # put back if the run is refused before it begins); None when nothing was.
+    replaced: Any = None
+    recorded_first: bool = False
 
 
 def plan_since_last(
@@ -163,7 +188,7 @@ def plan_since_last(
     An export that completed without its end being recorded (a stop between the two)
     is found by its output name and recorded now, so the run goes on after it.
     """
-    first = _first_start(options, config)
+    first = given = _first_start(options, config)
     probe = build_settings({**options, "start": "-1h", "end": "now"}, config, now=now)
     key = request_key(probe.request, probe.window)
     path = state_file_of(options, config)
@@ -172,7 +197,7 @@ def plan_since_last(
     if start is None:
         # An unfinished first run recorded where its --start put it: the same
         # command goes on with that export, even with a relative --start ("-30d").
-        first = _first_run_start(state, key, given=first) or first
+        first = _first_run_start(state, key, given=given, path=path) or given
 
     if start is None and first is None:
         raise UsageError(
@@ -194,7 +219,9 @@ def plan_since_last(
 
     if start is None:
         chosen["start"] = iso(build_settings(chosen, config, now=now).start)
-        record_first_start(path, key, start=chosen["start"], given=first)
+        record_first_start(path, key, start=chosen["start"], given=given)
+        replaced = state.get(key)
+        return SinceLast(chosen, path, key, chosen["start"], replaced, True)
 
     return SinceLast(chosen, path, key, chosen["start"])
 

@@ -25,7 +25,7 @@ from orchestrator.commands import (
     summary_line,
 )
 from orchestrator.config import build_request, build_settings
-from orchestrator.errors import ExitCode, UsageError
+from orchestrator.errors import ExitCode, StateWriteError, UsageError
 from orchestrator.incremental import request_key
 from orchestrator.job import ExportResult
 from orchestrator.manifest import ExportPaths, Manifest
@@ -42,6 +42,7 @@ from tests.test_cli import (
 )
 
 NOW = dt.datetime(2026, 11, 20, 12, 34, 56, tzinfo=dt.UTC)
+MINUTE = dt.timedelta(minutes=1)
 
 
 def prepare_in_process(patched: pytest.MonkeyPatch, env: dict[str, str]) -> None:
@@ -694,36 +695,75 @@ def test_a_signal_during_start_up_is_json_too_under_json_logs() -> None:
 def test_a_first_since_last_run_with_a_relative_start_is_resumed_later(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Each window takes 0.6 s and the budget is 1 s: the first run stops (exit 5).
-    # The same command two minutes later must go on with that export, though
-    # "-6h" now means another minute (and so another output name).
+    # Each window takes 0.6 s and the budget is 1 s: the first two runs stop (exit
+    # 5). The same command minutes later must go on with that export each time,
+    # though "-6h" then means another minute (and so another output name).
     process, port = start_sandbox("rows_per_hour=40", "first_byte_seconds=0.6")
     template = str(tmp_path / "j_{start:%Y%m%dT%H%MZ}.csv")
     command = ["run", "--since-last", "--start", "-6h", "--output", template]
     command += ["--concurrency", "1", "--no-estimate", "--quiet"]
+    state_file = tmp_path / "journey-export.state.json"
     started = dt.datetime.now(dt.UTC)
+    codes, given = [], []
     try:
         with monkeypatch.context() as patched:
             prepare_in_process(patched, env_for(port))
-            stopped = main([*command, "--max-duration", "1s"])
-            later = started + dt.timedelta(minutes=2)
-            patched.setattr(commands, "_now", lambda: later)
-            resumed = main(command)
+            for minutes, budget in (
+                (0, ["--max-duration", "1s"]),
+                (2, ["--max-duration", "1s"]),
+                (4, []),
+            ):
+                later = started + dt.timedelta(minutes=minutes)
+                patched.setattr(commands, "_now", lambda later=later: later)
+                codes.append(main([*command, *budget]))
+                given += [
+                    e.get("given_start")
+                    for e in json.loads(state_file.read_text()).values()
+                ]
     finally:
         process.terminate()
         process.wait(10)
 
-    assert (stopped, resumed) == (ExitCode.TIME_BUDGET, ExitCode.OK)
+    assert codes == [ExitCode.TIME_BUDGET, ExitCode.TIME_BUDGET, ExitCode.OK]
+    assert given == ["-6h", "-6h", None]  # the --start as given, until complete
     (output,) = tmp_path.glob("j_*.csv")  # one export, complete
     assert not list(tmp_path.glob("j_*.csv.p*"))  # its partial and parts gone
-    state = json.loads((tmp_path / "journey-export.state.json").read_text())
-    (entry,) = state.values()
+    (entry,) = json.loads(state_file.read_text()).values()
     assert set(entry) == {"end", "output", "recorded"}
     assert entry["output"] == str(output)
     first_start = dt.datetime.strptime(output.name, "j_%Y%m%dT%H%MZ.csv")
-    assert started - 6 * HOUR - first_start.replace(tzinfo=dt.UTC) < dt.timedelta(
-        minutes=2
-    )
+    assert started - 6 * HOUR - first_start.replace(tzinfo=dt.UTC) < 5 * MINUTE
+
+
+def test_a_refused_first_since_last_run_records_no_first_start(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    template = str(tmp_path / "j_{start:%Y%m%dT%H%MZ}.csv")
+    done = journey_export(
+        "run", "--since-last", "--start", "-40d", "--window", "1d", "--output",
+        template, env=env_for(sandbox_port),
+    )  # fmt: skip
+
+    assert done.returncode == 2, done.stderr
+    assert "retention" in done.stderr
+    state = tmp_path / "journey-export.state.json"
+    assert not state.exists() or json.loads(state.read_text()) == {}
+
+
+def test_a_damaged_first_start_in_the_state_file_is_refused(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    template = str(tmp_path / "j_{start:%Y%m%dT%H%MZ}.csv")
+    command = ["run", "--since-last", "--start", "-6h", "--output", template]
+    key = request_key(build_request({}, {}), HOUR)
+    entry = {"first_start": "yesterday-ish", "given_start": "-6h", "recorded": "x"}
+    (tmp_path / "journey-export.state.json").write_text(json.dumps({key: entry}))
+
+    done = journey_export(*command, env=env_for(sandbox_port))
+
+    assert done.returncode == 2, done.stderr
+    assert "the first start recorded for request" in done.stderr
+    assert not list(tmp_path.glob("j_*"))
 
 
 def test_an_end_that_cannot_be_recorded_exits_1_with_its_reports_and_is_recorded_later(
@@ -759,3 +799,24 @@ def test_an_end_that_cannot_be_recorded_exits_1_with_its_reports_and_is_recorded
     state = json.loads((tmp_path / "journey-export.state.json").read_text())
     (entry,) = state.values()
     assert "end" in entry
+
+
+def test_a_failed_since_last_run_reports_its_output_by_name_not_template(
+    tmp_path: Path, sandbox_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    template = str(tmp_path / "j_{start:%Y%m%dT%H%MZ}.csv")
+    start = (hour_now() - 4 * HOUR).strftime("%Y-%m-%dT%H:%MZ")
+    command = ["run", "--since-last", "--start", start, "--output", template]
+
+    def manifest_unwritable(*args: object) -> ExportResult:
+        raise StateWriteError("cannot write the manifest: Read-only file system")
+
+    with monkeypatch.context() as patched:
+        prepare_in_process(patched, env_for(sandbox_port))
+        patched.setattr(commands, "_run", manifest_unwritable)
+        code = main([*command, "--report", str(tmp_path / "r.json")])
+
+    assert code == ExitCode.WINDOWS_FAILED
+    report = json.loads((tmp_path / "r.json").read_text())
+    named = dt.datetime.strptime(start, "%Y-%m-%dT%H:%MZ")
+    assert report["output"] == str(tmp_path / f"j_{named:%Y%m%dT%H%M}Z.csv")
