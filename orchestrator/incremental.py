@@ -107,7 +107,7 @@ def record_end(path: Path, key: str, *, end: str, output: str) -> None:
         "output": output,
         "recorded": iso(dt.datetime.now(dt.UTC)),
     }
-    write_atomically(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    _write_state(path, state)
     shown = iso(dt.datetime.fromisoformat(end))
     logger.info("recorded %s as the start of the next --since-last run", shown)
 
@@ -122,7 +122,7 @@ def record_first_start(path: Path, key: str, *, start: str, given: Any) -> None:
         "recorded": iso(dt.datetime.now(dt.UTC)),
     }
     try:
-        write_atomically(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
+        _write_state(path, state)
     except OSError as error:
         raise UsageError(
             f"cannot write the state file {path} ({error.strerror or error}): make "
@@ -159,6 +159,10 @@ def restore_entry(path: Path, key: str, entry: Any) -> None:
     else:
         state[key] = entry
 
+    _write_state(path, state)
+
+
+def _write_state(path: Path, state: Mapping[str, Any]) -> None:
     write_atomically(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 

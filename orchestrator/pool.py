@@ -98,9 +98,8 @@ class WindowPool:
             self._group = group
             for record in records:
                 await turns.acquire()
-                if self._deadline is not None and time.monotonic() >= self._deadline:
+                if self._budget_spent():
                     self.out_of_time = True
-                    turns.release()
                     break
 
                 group.start_soon(self._export_in_turn, record, turns)
@@ -141,9 +140,12 @@ class WindowPool:
 
         # From the first attempt on, not from the start of the run: a window that
         # waited its turn for a worker did not take that long.
-        started = self._first_attempts.pop(record.window)
+        started = self._first_attempts[record.window]  # forgotten by _export
         record.seconds = time.monotonic() - started
         await self._events.done(record, info)
+
+    def _budget_spent(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
 
     def _start(self, record: WindowRecord) -> None:
         assert self._group is not None
@@ -168,7 +170,7 @@ class WindowPool:
         await self._gate.wait(until=self._deadline)
         async with self._limiter:
             await self._gate.wait(until=self._deadline)
-            if self._deadline is not None and time.monotonic() >= self._deadline:
+            if self._budget_spent():
                 raise OutOfTime
 
             record.attempts += 1

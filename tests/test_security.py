@@ -171,22 +171,26 @@ def test_environment_wins_over_the_credentials_file(tmp_path: Path) -> None:
     assert (credentials.client_id, credentials.client_secret) == ("env", "file")
 
 
-def test_a_credentials_file_with_a_stray_line_names_the_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "named", "secret"),
+    [
+        ("SFMC_CLIENT_ID=x\npassword hunter2\n", "line 2", "hunter2"),
+        (
+            "SFMC_CLIENT_SECRET=old\nSFMC_CLIENT_SECRET=new-one\n",
+            "line 2: SFMC_CLIENT_SECRET is given a",
+            "new-one",
+        ),
+    ],
+)
+def test_a_bad_credentials_file_names_the_line_and_not_the_secret(
+    tmp_path: Path, text: str, named: str, secret: str
+) -> None:
     secrets_file = tmp_path / "sfmc.env"
-    secrets_file.write_text("SFMC_CLIENT_ID=x\npassword hunter2\n")
+    secrets_file.write_text(text)
 
-    with pytest.raises(UsageError, match="line 2") as caught:
+    with pytest.raises(UsageError, match=named) as caught:
         load_credentials({}, {"credentials": {"file": str(secrets_file)}})
-    assert "hunter2" not in str(caught.value)
-
-
-def test_a_credentials_file_naming_a_variable_twice_is_refused(tmp_path: Path) -> None:
-    secrets_file = tmp_path / "sfmc.env"
-    secrets_file.write_text("SFMC_CLIENT_SECRET=old\nSFMC_CLIENT_SECRET=new-one\n")
-
-    with pytest.raises(UsageError, match="line 2: SFMC_CLIENT_SECRET is given a") as e:
-        load_credentials({}, {"credentials": {"file": str(secrets_file)}})
-    assert "new-one" not in str(e.value)
+    assert secret not in str(caught.value)
 
 
 @pytest.mark.parametrize(
