@@ -4,7 +4,7 @@
 #
 #   bench/baseline.sh --start ISO --end ISO --output FILE
 #       [--concurrency N] [--compression gzip|none] [--columns A,B,...]
-#       [--format csv|tsv] [--parts DIR] [--discard]
+#       [--format csv|tsv] [--parts DIR] [--discard | --write-only [--no-sync]]
 #
 # Credentials come from SFMC_CLIENT_ID, SFMC_CLIENT_SECRET and SFMC_AUTH_URL, as for
 # journey-export. The token is fetched once. Each window is a POST of the download
@@ -12,9 +12,12 @@
 # --compression gzip asks for gzip (curl --compressed decodes it); none asks for
 # nothing, so the server answers identity. --discard writes every body to
 # /dev/null and prints the bytes received: the raw serving rate, nothing glued.
+# --write-only writes each body to its part file, syncs the parts to disk (unless
+# --no-sync) and deletes them, nothing glued: what writing the bytes costs here.
 set -euo pipefail
 
 start="" end="" output="" concurrency=4 compression=gzip format=csv parts="" discard=0
+write_only=0 sync_parts=1
 columns="TransactionTime,ContactKey,Status,DefinitionId,DefinitionName,ActivityId,ActivityName,ActivityType"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -27,6 +30,8 @@ while [ $# -gt 0 ]; do
         --format) format=$2; shift 2 ;;
         --parts) parts=$2; shift 2 ;;
         --discard) discard=1; shift ;;
+        --write-only) write_only=1; shift ;;
+        --no-sync) sync_parts=0; shift ;;
         *) echo "baseline.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -73,6 +78,11 @@ mkdir -p "$parts"
 printf '%s\n' "$windows" | TARGET="$parts/{}.$format" xargs -P "$concurrency" -n 2 \
     sh -c "$fetch" > /dev/null
 
+if [ "$write_only" = 1 ]; then
+    if [ "$sync_parts" = 1 ]; then sync -- "$parts"/*."$format"; fi
+    rm -rf "$parts"
+    exit 0
+fi
 # 4. Glue: the first part's header once, then every part without its header, in
 # window order (the names sort by time).
 set -- "$parts"/*."$format"

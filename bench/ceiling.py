@@ -1,9 +1,11 @@
 """How fast journey-export could be here without its per-byte checks: a ceiling.
 
 Runs, interleaved on one warm unshaped sandbox (as section 2 of bench/run.py): curl
-alone, journey-export as shipped, and journey-export with its per-byte checks
-switched off for the measurement only: row counting and the boundary search, then
-also SHA-256. The switch is a ``sitecustomize`` module this script writes to a
+alone; curl writing each body to a file, then the same with the files synced to
+disk (what writing the bytes durably costs, with nothing glued or checked);
+journey-export as shipped; and journey-export with its per-byte checks switched
+off for the measurement only: row counting and the boundary search, then also
+SHA-256. The switch is a ``sitecustomize`` module this script writes to a
 temporary folder put first on PYTHONPATH; the package itself has no such switch,
 and the outputs of those runs are not trusted (nothing checked them).
 
@@ -13,6 +15,7 @@ and the outputs of those runs are not trusted (nothing checked them).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 import os
 import shutil
@@ -42,8 +45,12 @@ if skip:
         parts.hashlib = type("NoHashlib", (), {"sha256": staticmethod(NoDigest)})
 """
 
-VARIANTS = {
-    "curl alone, bodies to /dev/null": None,
+# What each row runs: baseline.sh's flags for curl, or JX_SKIP for journey-export.
+CURL_ALONE = "curl alone, bodies to /dev/null"
+VARIANTS: dict[str, tuple[str, ...] | str] = {
+    CURL_ALONE: ("--discard",),
+    "curl, bodies to files (not synced)": ("--write-only", "--no-sync"),
+    "curl, bodies to files, synced to disk": ("--write-only",),
     "journey-export": "",
     "without row counting and boundary search": "checks",
     "without those and without SHA-256": "checks,sha256",
@@ -84,19 +91,10 @@ def measure_all(
         say(f"rendering about {args.gb} GB in the sandbox (not measured)")
         end, size = warm_until(sb, start, target, columns)
         for number in range(args.runs):
-            for name, skip in VARIANTS.items():
+            for name, variant in VARIANTS.items():
                 folder = work / "run"
                 folder.mkdir()
-                output = folder / "out.csv"
-                if skip is None:
-                    command = baseline(
-                        start, end, None, args.concurrency, "none", columns=columns
-                    )
-                else:
-                    command = ours(
-                        start, end, output, args.concurrency, "none", columns=columns
-                    )
-
+                command, skip = variant_command(args, variant, folder, start, end)
                 run = measure(
                     command,
                     env=variant_env(sb, work / "switch", skip),
@@ -109,6 +107,27 @@ def measure_all(
     return walls, size
 
 
+def variant_command(
+    args: argparse.Namespace,
+    variant: tuple[str, ...] | str,
+    folder: Path,
+    start: dt.datetime,
+    end: dt.datetime,
+) -> tuple[list[str], str | None]:
+    """The command of one row, and what journey-export skips in it (None: curl)."""
+    columns = ",".join(sfmc.COLUMNS)
+    output = folder / "out.csv"
+    if isinstance(variant, str):
+        command = ours(start, end, output, args.concurrency, "none", columns=columns)
+        return command, variant
+
+    command = baseline(start, end, output, args.concurrency, "none", columns=columns)
+    if "--discard" in variant:
+        command.remove("--output")
+        command.remove(str(output))
+    return [*command, *variant], None
+
+
 def variant_env(sb: Sandbox, switch: Path, skip: str | None) -> dict[str, str]:
     found = env(sb)
     if skip:
@@ -119,7 +138,7 @@ def variant_env(sb: Sandbox, switch: Path, skip: str | None) -> dict[str, str]:
 
 
 def print_table(walls: dict[str, list[float]], size: int) -> None:
-    raw = statistics.median(walls["curl alone, bodies to /dev/null"])
+    raw = statistics.median(walls[CURL_ALONE])
     print(f"\noutput {size / MB:,.0f} MB; medians of {len(next(iter(walls.values())))}")
     print("| what | median s | MB/s | of curl alone |")
     print("| --- | ---: | ---: | ---: |")
