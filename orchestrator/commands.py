@@ -232,6 +232,12 @@ def _recorded_so_far(output: str | Path | None) -> dict[str, Any]:
 def _command_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     options = options_of(args)
+    if args.state_file and not args.since_last:
+        raise UsageError(
+            "--state-file is read only with --since-last: add --since-last, or "
+            "drop --state-file"
+        )
+
     if args.since_last:
         credentials = load_credentials(os.environ, config, args.config)
         return _run_since_last(args, options, config, credentials)

@@ -430,6 +430,18 @@ def test_since_last_refuses_redo_and_redo_works_with_the_range(
     assert "1 windows to request again" in redo.stderr
 
 
+def test_a_state_file_without_since_last_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    refused = journey_export(
+        "run", "--start", "-2h", "--output", str(tmp_path / "out.csv"),
+        "--state-file", str(state), env=env_for(1),
+    )  # fmt: skip
+
+    assert refused.returncode == 2
+    assert "--state-file is read only with --since-last" in refused.stderr
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_a_name_holding_another_complete_export_is_refused_clearly(
     tmp_path: Path, sandbox_port: int
 ) -> None:
