@@ -769,3 +769,21 @@ def test_an_output_name_too_long_for_its_manifest_is_refused_with_exit_2(
     assert done.returncode == 2, done.stderr
     assert "is too long" in done.stderr
     assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 2
+
+
+def test_a_profiler_gets_to_write_its_profile(tmp_path: Path) -> None:
+    # The command ends the process without the interpreter's teardown, except
+    # under a profiler or a coverage tracer, whose results are written at exit.
+    profile = tmp_path / "values.prof"
+    command = [sys.executable, "-m", "cProfile", "-o", str(profile)]
+    done = subprocess.run(
+        [*command, "-m", "orchestrator", "values", "column"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "TransactionTime" in done.stdout
+    assert profile.stat().st_size > 0
