@@ -154,6 +154,9 @@ class WindowRecord:
         )
 
 
+_WINDOW_KEYS = WindowRecord(Window(dt.datetime.min, dt.datetime.max)).to_json().keys()
+
+
 @dataclass(slots=True)
 class Manifest:
     """The request and windows of one export; ``merged_bytes`` is the assembled size."""
@@ -177,11 +180,7 @@ class Manifest:
             )
 
         try:
-            document = json.loads(path.read_bytes())
-            content = document["manifest"]
-            if document["sha256"] != _digest(content):
-                raise ValueError("checksum does not match its content")
-
+            content = _checked_content(path)
             if content["version"] != VERSION:
                 raise ValueError(f"version {content['version']} is not {VERSION}")
 
@@ -197,7 +196,7 @@ class Manifest:
         manifest = cls(
             path=path,
             request=content["request"],
-            windows=[WindowRecord.from_json(item) for item in content["windows"]],
+            windows=[_as_record(item) for item in content["windows"]],
             merged_bytes=_count(content["merged_bytes"]),
             newline=content["newline"],
             complete=bool(content["complete"]),
@@ -327,6 +326,52 @@ def _check_tiling(manifest: Manifest) -> None:
     joined = all(left[1] == right[0] for left, right in itertools.pairwise(spans))
     if not (starts_right and joined and spans[-1][1] == end):
         raise ValueError("its windows do not cover its range once each")
+
+
+def _checked_content(path: Path) -> dict[str, Any]:
+    """The manifest's content, once its checksum matches.
+
+    A manifest as :meth:`Manifest.save` writes it holds its content as canonical
+    JSON, so its bytes are hashed as they lie, and its windows become records as
+    they are parsed: tens of thousands of windows are never held as dicts too.
+    Others (written by earlier versions) are parsed whole, then hashed as canonical
+    JSON.
+    """
+    raw = path.read_bytes()
+    if _framed_digest_matches(raw):
+        text = raw.decode()
+        del raw  # one copy at a time
+        document = json.loads(text, object_hook=_record_or_dict)
+        content: dict[str, Any] = document["manifest"]
+        return content
+
+    document = json.loads(raw)
+    content = document["manifest"]
+    if document["sha256"] != _digest(content):
+        raise ValueError("checksum does not match its content")
+
+    return content
+
+
+_FRAME_HEAD = b'{"manifest":'
+_FRAME_TAIL = re.compile(rb',"sha256":"([0-9a-f]{64})"}\Z')
+
+
+def _framed_digest_matches(raw: bytes) -> bool:
+    tail = _FRAME_TAIL.search(raw, max(0, len(raw) - 100))
+    if tail is None or not raw.startswith(_FRAME_HEAD):
+        return False
+
+    content = memoryview(raw)[len(_FRAME_HEAD) : tail.start()]
+    return hashlib.sha256(content).hexdigest() == tail.group(1).decode()
+
+
+def _record_or_dict(item: dict[str, Any]) -> Any:
+    return WindowRecord.from_json(item) if item.keys() == _WINDOW_KEYS else item
+
+
+def _as_record(item: Any) -> WindowRecord:
+    return item if isinstance(item, WindowRecord) else WindowRecord.from_json(item)
 
 
 def _digest(content: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator import manifest as manifest_module
 from orchestrator import merger, parts
 from orchestrator.errors import ManifestError, UsageError
 from orchestrator.export import select_windows
@@ -71,6 +72,26 @@ def test_edited_manifest_fails_its_checksum(tmp_path: Path) -> None:
 
     with pytest.raises(ManifestError, match="checksum"):
         Manifest.load(paths.manifest)
+
+
+def test_a_byte_edited_in_a_saved_manifest_fails_its_checksum(tmp_path: Path) -> None:
+    _, paths = new_manifest(tmp_path)
+    data = paths.manifest.read_bytes()
+    assert b'"state":"pending"' in data  # saved as canonical JSON
+    paths.manifest.write_bytes(
+        data.replace(b'"state":"pending"', b'"state":"failed"', 1)
+    )
+
+    with pytest.raises(ManifestError, match="checksum"):
+        Manifest.load(paths.manifest)
+
+
+def test_a_manifest_laid_out_as_earlier_versions_wrote_it_loads(tmp_path: Path) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    document = json.loads(paths.manifest.read_bytes())
+    paths.manifest.write_text(json.dumps(document, indent=1))  # not canonical
+
+    assert Manifest.load(paths.manifest).windows == manifest.windows
 
 
 def drop_all(manifest: Manifest) -> None:
@@ -602,3 +623,15 @@ def test_a_manifest_of_many_windows_is_saved_in_pieces_under_one_checksum(
     assert manifest.path.read_text().startswith('{"manifest":' + canonical + ",")
     assert document["sha256"] == hashlib.sha256(canonical.encode()).hexdigest()
     assert Manifest.load(manifest.path).windows == records
+
+
+def test_a_saved_manifest_is_checked_without_writing_it_out_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest, paths = new_manifest(tmp_path)
+
+    def no_second_copy(content: Any) -> str:
+        raise AssertionError("the content was serialized again to be checked")
+
+    monkeypatch.setattr(manifest_module, "_digest", no_second_copy)
+    assert Manifest.load(paths.manifest).windows == manifest.windows
