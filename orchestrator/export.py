@@ -28,7 +28,7 @@ from orchestrator.manifest import (
     WindowRecord,
 )
 from orchestrator.merger import Assembler
-from orchestrator.parts import make_private_folders, nearest_existing
+from orchestrator.parts import make_folders, nearest_existing
 from orchestrator.planner import Window, plan_windows
 from orchestrator.timeparse import iso, parse_time
 
@@ -76,7 +76,7 @@ def _lock_output(settings: RunSettings, paths: ExportPaths) -> OutputLock:
         )
 
     try:
-        make_private_folders(settings.output.parent)
+        make_folders(settings.output.parent)
         return OutputLock(paths.lock, state=paths.manifest).__enter__()
     except OSError as error:
         raise UsageError(

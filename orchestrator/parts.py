@@ -83,12 +83,13 @@ def open_private(path: Path, *, keep: bool = False) -> io.BufferedWriter:
     return os.fdopen(descriptor, "wb")
 
 
-def make_private_folders(folder: Path) -> None:
-    """Create ``folder`` and each missing folder above it, all mode 0700
-    (``Path.mkdir(parents=True)`` gives the mode to the last one only)."""
+def make_folders(folder: Path, *, mode: int = PRIVATE_DIR) -> None:
+    """Create ``folder`` and each missing folder above it, all with ``mode`` (0700
+    unless said otherwise; the umask can only narrow it). ``Path.mkdir(parents=True)``
+    gives the mode to the last one only."""
     missing = [folder, *folder.parents]
     for each in reversed(missing[: missing.index(nearest_existing(folder))]):
-        each.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+        each.mkdir(mode=mode, exist_ok=True)
 
 
 def nearest_existing(path: Path) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from orchestrator.parts import open_private
+from orchestrator.parts import PRIVATE_DIR, make_folders, open_private
 from orchestrator.pool import PoolStats
 
 # Attributes every LogRecord has; anything else was passed with ``extra=``.
@@ -109,8 +109,9 @@ class JsonFormatter(logging.Formatter):
 
 def write_atomically(path: Path, text: str, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``text`` (owner-only unless ``mode`` says otherwise),
-    never leaving half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    never leaving half a file. Missing folders are made 0700, or 0755 for a file
+    others may read; never writable by others, whatever the umask."""
+    make_folders(path.parent, mode=0o755 if mode & 0o044 else PRIVATE_DIR)
     temporary = path.with_name(f".{path.name}.tmp")
     with open_private(temporary) as stream:
         stream.write(text.encode())

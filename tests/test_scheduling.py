@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ from orchestrator.sandbox import History
 from orchestrator.timeparse import iso
 from tests.conftest import HOUR, expected_output, hour_now
 from tests.test_cli import (
+    PYTHON,
     env_for,
     journey_export,
     range_args,
@@ -832,3 +834,37 @@ def test_a_failed_since_last_run_reports_its_output_by_name_not_template(
     report = json.loads((tmp_path / "r.json").read_text())
     named = dt.datetime.strptime(start, "%Y-%m-%dT%H:%MZ")
     assert report["output"] == str(tmp_path / f"j_{named:%Y%m%dT%H%M}Z.csv")
+
+
+def test_every_folder_a_since_last_run_makes_is_closed_to_others(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    folders = {
+        "outputs": tmp_path / "exports" / "daily",
+        "state": tmp_path / "state",
+        "report": tmp_path / "reports",
+    }
+    metrics = tmp_path / "metrics"
+    command = [
+        *PYTHON, "run", "--since-last", "--start", "-3h",
+        "--output", str(folders["outputs"] / "j_{start:%Y%m%dT%H%MZ}.csv"),
+        "--state-file", str(folders["state"] / "state.json"),
+        "--report", str(folders["report"] / "r.json"),
+        "--prometheus", str(metrics / "journey_export.prom"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=env_for(sandbox_port),
+        umask=0,  # the folders' modes come from the tool alone
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    made = [*folders.values(), folders["outputs"].parent]
+    assert {str(f): stat.S_IMODE(f.stat().st_mode) for f in made} == {
+        str(f): 0o700 for f in made
+    }
+    assert stat.S_IMODE(metrics.stat().st_mode) == 0o755  # read by node_exporter
