@@ -48,7 +48,7 @@ async def run_export(
     with _lock_output(settings, paths):
         manifest = open_manifest(settings, paths, hooks.now())
         assembler = _assembler(manifest, paths, settings)
-        _reopen(assembler, settings)
+        _reopen(assembler, settings, hooks.now())
 
         job = ExportJob(settings, credentials, paths, assembler, hooks)
         if not manifest.complete:
@@ -103,7 +103,7 @@ def _assembler(
     return assembler
 
 
-def _reopen(assembler: Assembler, settings: RunSettings) -> None:
+def _reopen(assembler: Assembler, settings: RunSettings, now: dt.datetime) -> None:
     """Put back to pending what this run must request again."""
     # Provisional windows are refreshed once an export is complete; a rerun
     # that finishes a failed export leaves them be, so reruns converge.
@@ -113,6 +113,7 @@ def _reopen(assembler: Assembler, settings: RunSettings) -> None:
 
     if settings.redo:
         chosen = select_windows(manifest, settings.redo)
+        _refuse_redo_past_retention(chosen, retention_cutoff(now))
         logger.info("%d windows to request again", assembler.reopen(chosen))
 
 
@@ -131,6 +132,24 @@ async def _download_and_assemble(
 
     if job.assembler.all_merged():
         job.assembler.publish()
+
+
+def _refuse_redo_past_retention(
+    chosen: list[WindowRecord], cutoff: dt.datetime
+) -> None:
+    """Refuse, before anything is cut, a --redo of rows SFMC no longer keeps: the
+    output would lose the rows it holds."""
+    expired = [record.window for record in chosen if record.window.start < cutoff]
+    if expired:
+        raise UsageError(
+            f"--redo names {expired[0]}{_and_more(expired)}, which reaches past "
+            f"SFMC's 30-day retention (nothing before {iso(cutoff)} can be requested "
+            "again): the output keeps the rows it has; leave it out of --redo"
+        )
+
+
+def _and_more(windows: list[Window]) -> str:
+    return f" and {len(windows) - 1} more" if len(windows) > 1 else ""
 
 
 def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowRecord]:

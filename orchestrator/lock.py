@@ -81,12 +81,13 @@ class OutputLock:
         if self._descriptor is None:
             return
 
-        if self._created and self._state is not None and not self._state.exists():
-            self.path.unlink(missing_ok=True)
-
-        fcntl.flock(self._descriptor, fcntl.LOCK_UN)
-        os.close(self._descriptor)
-        self._descriptor = None
+        try:
+            if self._created and self._state is not None and not self._state.exists():
+                self.path.unlink(missing_ok=True)
+        finally:  # released even if the file cannot be removed
+            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+            os.close(self._descriptor)
+            self._descriptor = None
 
 
 def _same_file(descriptor: int, path: Path) -> bool:

@@ -310,22 +310,28 @@ def _count(value: Any) -> int:
 
 
 def _check_tiling(manifest: Manifest) -> None:
-    """Raise ValueError unless the windows cover the request's range once each, with
-    no gap and no overlap (only a start dropped as past retention may be missing)."""
+    """Raise ValueError unless the windows, with those dropped as past retention
+    (``--retained-only``), cover the request's range once each, with no gap and no
+    overlap; with windows dropped, the first may also start late."""
     if not isinstance(manifest.request, dict):
         raise ValueError("its request is not an object")
 
     start = dt.datetime.fromisoformat(str(manifest.request["start"]))
     end = dt.datetime.fromisoformat(str(manifest.request["end"]))
-    spans = sorted((r.window.start, r.window.end) for r in manifest.windows)
-    if not spans:
+    if not manifest.windows:
         raise ValueError("it has no windows")
 
-    expired = bool(manifest.extra.get("expired"))
-    starts_right = spans[0][0] == start or (expired and spans[0][0] > start)
+    dropped = [_span_of(key) for key in manifest.extra.get("expired", [])]
+    spans = sorted([(r.window.start, r.window.end) for r in manifest.windows] + dropped)
+    starts_right = spans[0][0] == start or (bool(dropped) and spans[0][0] > start)
     joined = all(left[1] == right[0] for left, right in itertools.pairwise(spans))
     if not (starts_right and joined and spans[-1][1] == end):
         raise ValueError("its windows do not cover its range once each")
+
+
+def _span_of(key: str) -> tuple[dt.datetime, dt.datetime]:
+    start, end = str(key).split("/")
+    return dt.datetime.fromisoformat(start), dt.datetime.fromisoformat(end)
 
 
 def _checked_content(path: Path) -> dict[str, Any]:

@@ -107,6 +107,15 @@ class Assembler:
 
     def reconcile(self) -> None:
         """Bring files and manifest into agreement after a stop at any moment."""
+        if self._published_unrecorded():
+            logger.info(
+                "%s was given its name before the last run stopped; recording the "
+                "export as complete",
+                self.paths.output,
+            )
+            self._record_published()
+            return
+
         self.paths.parts.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         own, _ = self.paths.part_files()
         for leftover in own:  # a download or a boundary pass cut short
@@ -434,6 +443,19 @@ class Assembler:
             )
 
         os.replace(self.paths.partial, self.paths.output)
+        self._record_published()
+
+    def _published_unrecorded(self) -> bool:
+        """Whether the last run stopped after giving the output its name and before
+        recording it: every window merged, no partial left, and the output as long
+        as the manifest records."""
+        if self.paths.partial.exists() or not self.all_merged():
+            return False
+
+        output = self.paths.output
+        return output.is_file() and output.stat().st_size == self.manifest.merged_bytes
+
+    def _record_published(self) -> None:
         fsync_directory(self.paths.output.parent)
         self.manifest.complete = True
         self.manifest.save()

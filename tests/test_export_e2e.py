@@ -12,7 +12,7 @@ from typing import Literal
 
 import pytest
 
-from orchestrator import sfmc
+from orchestrator import merger, parts, sfmc
 from orchestrator.config import ExportRequest
 from orchestrator.errors import CredentialsError, LockHeldError, ManifestError
 from orchestrator.export import run_export
@@ -290,3 +290,40 @@ async def test_the_seconds_of_a_window_leave_out_its_wait_for_a_worker(
     assert len(seconds) == 5
     assert min(seconds) >= 0.05
     assert sum(seconds) <= result.seconds
+
+
+class Killed(BaseException):
+    """The process dying at that very step (kill -9, power loss)."""
+
+
+async def test_a_stop_right_after_the_output_is_named_needs_no_download_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "o.csv"
+    paths = ExportPaths(output)
+    real_fsync_directory = parts.fsync_directory
+
+    def die_once_named(folder: Path) -> None:
+        if output.exists() and not paths.partial.exists():
+            raise Killed
+        real_fsync_directory(folder)
+
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        settings = run_settings(output, start, start + 4 * HOUR)
+        with monkeypatch.context() as patched:
+            patched.setattr(merger, "fsync_directory", die_once_named)
+            with pytest.raises(Killed):
+                await run_export(settings, credentials_for(sandbox))
+
+        assert not Manifest.load(paths.manifest).complete
+        downloads = sum(sandbox.stats.downloads.values())
+        again = await run_export(settings, credentials_for(sandbox))
+        assert sum(sandbox.stats.downloads.values()) == downloads
+
+    assert again.complete
+    assert Manifest.load(paths.manifest).complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 4 * HOUR
+    )
+    assert not paths.parts.exists()

@@ -15,7 +15,7 @@ from orchestrator.config import ExportRequest
 from orchestrator.errors import ExitCode, UsageError
 from orchestrator.export import Hooks, run_export
 from orchestrator.manifest import ExportPaths, Manifest
-from orchestrator.sandbox import History, SandboxServer, SandboxSettings
+from orchestrator.sandbox import History, SandboxServer, SandboxSettings, parse_faults
 from orchestrator.timeparse import iso, to_millis
 from tests.conftest import (
     HOUR,
@@ -25,6 +25,7 @@ from tests.conftest import (
     hour_now,
     run_settings,
 )
+from tests.test_faults_e2e import FAST_RETRY, no_wait
 
 MINUTE = dt.timedelta(minutes=1)
 
@@ -403,3 +404,69 @@ async def test_tsv_values_with_quotes_round_trip(tmp_path: Path) -> None:
     )
     assert output.read_bytes() == expected
     assert b'""' in expected
+
+
+async def export_failing_one_hour(
+    sandbox: SandboxServer, output: Path, start: dt.datetime, failing: int
+) -> None:
+    """Export six hours from ``start`` with hour ``failing`` answering 500."""
+    moment = iso(start + failing * HOUR)
+    sandbox.update(faults=parse_faults(f"error500@*@{moment}"))
+    await run_export(
+        run_settings(output, start, start + 6 * HOUR, retry=FAST_RETRY),
+        credentials_for(sandbox),
+        hooks=Hooks(sleep=no_wait),
+    )
+    sandbox.update(faults=parse_faults(""))
+
+
+async def test_retained_only_leaves_out_a_failed_window_inside_an_export(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        start = busy_start(sandbox, hours=6)
+        await export_failing_one_hour(sandbox, output, start, failing=3)
+        states = [r.state for r in Manifest.load(ExportPaths(output).manifest).windows]
+        assert states[3] == "failed"
+
+        # Later, the failed hour has left retention; the hours after it have not.
+        later = start + 30 * 24 * HOUR + 4 * HOUR + 30 * MINUTE
+        hooks = Hooks(sleep=no_wait, now=lambda: later)
+        settings = run_settings(output, start, start + 6 * HOUR, retained_only=True)
+        done = await run_export(settings, credentials_for(sandbox), hooks=hooks)
+        published = output.read_bytes()
+        again = await run_export(settings, credentials_for(sandbox), hooks=hooks)
+
+    assert done.complete and done.expired == 1
+    assert again.complete and output.read_bytes() == published
+    before = expected_output(sandbox.history, start, start + 3 * HOUR)
+    after = expected_output(sandbox.history, start + 4 * HOUR, start + 6 * HOUR)
+    assert published == before + after.split(b"\n", 1)[1]  # one header
+
+
+async def test_a_redo_past_retention_is_refused_before_the_output_is_cut(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        start = busy_start(sandbox, hours=6)
+        end = start + 6 * HOUR
+        assert (await export(sandbox, output, start, end)).complete
+        published = output.read_bytes()
+
+        later = start + 30 * 24 * HOUR + 3 * HOUR
+        hooks = Hooks(sleep=no_wait, now=lambda: later)
+        redo = (f"{iso(start + HOUR)}/{iso(start + 2 * HOUR)}",)
+        with pytest.raises(UsageError, match=r"--redo names .* past SFMC's 30-day"):
+            await run_export(
+                run_settings(output, start, end, redo=redo),
+                credentials_for(sandbox),
+                hooks=hooks,
+            )
+        again = await run_export(
+            run_settings(output, start, end), credentials_for(sandbox), hooks=hooks
+        )
+
+    assert Manifest.load(ExportPaths(output).manifest).complete
+    assert again.complete and output.read_bytes() == published
