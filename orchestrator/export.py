@@ -5,6 +5,7 @@ Read top to bottom, :func:`run_export` is the whole job in a few named steps.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -13,10 +14,7 @@ from pathlib import Path
 from orchestrator import sfmc
 from orchestrator.config import RunSettings
 from orchestrator.credentials import Credentials
-from orchestrator.errors import (
-    ManifestError,
-    UsageError,
-)
+from orchestrator.errors import JourneyExportError, ManifestError, UsageError
 from orchestrator.estimates import estimate_windows, history_lag
 from orchestrator.job import ExportJob, ExportResult, Hooks
 from orchestrator.lock import OutputLock
@@ -46,13 +44,20 @@ async def run_export(
 
     check_state_files(paths)
     with _lock_output(settings, paths):
+        fresh = settings.restart or not paths.manifest.exists()
         manifest = open_manifest(settings, paths, hooks.now())
         assembler = _assembler(manifest, paths, settings)
         _reopen(assembler, settings, hooks.now())
 
         job = ExportJob(settings, credentials, paths, assembler, hooks)
         if not manifest.complete:
-            await _download_and_assemble(job, settings, hooks)
+            try:
+                await _download_and_assemble(job, settings, hooks)
+            except JourneyExportError:
+                if fresh and _nothing_requested(manifest):
+                    _forget(paths)  # the rerun reads a relative range anew
+
+                raise
 
         return job.result(time.monotonic() - started)
 
@@ -394,6 +399,19 @@ _REQUEST_WORDS = {
     "gzip_output": "gzip output",
     "contact_keys": "contact keys",
 }
+
+
+def _nothing_requested(manifest: Manifest) -> bool:
+    return manifest.merged_bytes == 0 and all(
+        record.state == PENDING and not record.attempts for record in manifest.windows
+    )
+
+
+def _forget(paths: ExportPaths) -> None:
+    """Remove the state of an export that stopped before requesting anything."""
+    _discard_state(paths)
+    with contextlib.suppress(OSError):  # only if empty
+        paths.parts.rmdir()
 
 
 def _discard_state(paths: ExportPaths) -> None:
