@@ -232,7 +232,7 @@ class ExportJob:
                 settings=self.settings.retry,
                 gate=self.gate,
                 sleep=self.hooks.sleep,
-                on_retry=self._count_estimate_retry,
+                on_retry=lambda error: self._estimate_retried(record, error),
             )
         except WindowError as error:
             self._stop_estimating(f"estimate failed ({error})")
@@ -251,12 +251,26 @@ class ExportJob:
 
         self.manifest.checkpoint()
 
-    def _count_estimate_retry(self, error: BaseException | None) -> None:
-        """Count an estimate's retry with the downloads' (the summary's figures)."""
+    def _estimate_retried(
+        self, record: WindowRecord, error: BaseException | None
+    ) -> None:
+        """Count and log an estimate asked again, as the downloads' retries are."""
         stats = self.progress.stats
         stats.retries += 1
         if isinstance(error, ThrottledError):
             stats.throttled += 1
+
+        logger.warning(
+            "window %s: estimate failed (%s); asking again",
+            record.window,
+            error,
+            extra={
+                "event": "retry",
+                "call": "estimate",
+                "window": record.window.key,
+                "error": str(error),
+            },
+        )
 
     def _stop_estimating(self, reason: str) -> None:
         if self.estimates_usable:

@@ -252,7 +252,7 @@ async def test_rejected_credentials_end_the_run(tmp_path: Path) -> None:
             )
         assert sum(sandbox.stats.downloads.values()) == 0
 
-    assert sorted(tmp_path.iterdir()) == []  # a relative range is read anew
+    assert os.listdir(tmp_path) == []  # a relative range is read anew
 
 
 async def test_manifest_records_every_window(tmp_path: Path) -> None:

@@ -234,6 +234,18 @@ async def test_the_time_budget_bounds_every_wait(
     assert result.throttled >= 1  # the estimates' throttling counts too
 
 
+async def test_every_retry_counted_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with sandbox_with("error500=1") as sandbox:  # estimates fail too
+        result, _ = await export_with(sandbox, tmp_path / "o.csv", hours=3)
+
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "retry"]
+    calls = {getattr(r, "call", "download") for r in logged}
+    assert result.failed and calls == {"estimate", "download"}
+    assert result.retries == len(logged)
+
+
 async def test_a_concurrency_cap_halves_our_concurrency(tmp_path: Path) -> None:
     sandbox = SandboxServer(
         SandboxSettings(
