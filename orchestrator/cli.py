@@ -31,10 +31,13 @@ EPILOG = (
     "2 bad usage or input, 3 credentials rejected, 4 output locked by another run, "
     "5 time budget spent (rerun to go on), 130 interrupted (rerun to go on)"
 )
-SHORT_EPILOG = (
+READING_EPILOG = (
     "exit codes: 0 done, 1 the answer could not be written (a full disk behind "
-    "stdout), 2 bad usage or input; with plan --estimate also 1 token endpoint "
-    "unreachable, 3 credentials rejected, 130 interrupted"
+    "stdout), 2 bad usage or input"
+)
+PLAN_EPILOG = (
+    f"{READING_EPILOG}; with --estimate also 1 token endpoint unreachable, "
+    "3 credentials rejected, 130 interrupted"
 )
 _TIME_FLAGS = frozenset(
     {"--start", "--end", "--last", "--window", "--max-duration", "--redo"}
@@ -45,7 +48,8 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, with where to look."""
 
     def error(self, message: str) -> NoReturn:
-        line = f"{self.prog}: error: {message} (see {self.prog} --help)"
+        program = self.prog.split()[0]  # every error starts the same way
+        line = f"{program}: error: {message} (see {self.prog} --help)"
         tell_the_end(line, int(ExitCode.USAGE), as_json=json_logs_asked())
         self.exit(int(ExitCode.USAGE))
 
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=commands.command_run)
 
     plan = subcommands.add_parser(
-        "plan", help="print the windows a run would request", epilog=SHORT_EPILOG
+        "plan", help="print the windows a run would request", epilog=PLAN_EPILOG
     )
     _add_request_arguments(plan)
     plan.add_argument(
@@ -214,12 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_reading_commands(subcommands: Any) -> None:
     """The commands that only read: status and values."""
     status = subcommands.add_parser(
-        "status", help="print each window's state", epilog=SHORT_EPILOG
+        "status", help="print each window's state", epilog=READING_EPILOG
     )
     status.add_argument("--output", required=True, type=Path, help="the export's file")
     status.set_defaults(handler=commands.command_status)
 
-    values = subcommands.add_parser("values", help="list documented names and values")
+    values = subcommands.add_parser(
+        "values", help="list documented names and values", epilog=READING_EPILOG
+    )
     values.add_argument(
         "kind",
         choices=["column", "status", "activity-type"],

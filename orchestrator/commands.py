@@ -558,11 +558,22 @@ def command_plan(args: argparse.Namespace) -> int:
         return int(ExitCode.OK)
 
     for window in windows:
-        minutes = window.span.total_seconds() / 60
-        print(f"{window.key}\t{minutes:g} min")
+        print(f"{window.key}\t{span_text(window.span)}")
 
-    print(f"{len(windows)} windows")
+    print(count_text(len(windows), "window"))
     return int(ExitCode.OK)
+
+
+def span_text(span: dt.timedelta) -> str:
+    """A span as the flags write it: 1h, 30m, 2m57s, 1m0.5s."""
+    hours, rest = divmod(span.total_seconds(), 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [(hours, "h"), (minutes, "m"), (round(seconds, 3), "s")]
+    return "".join(f"{value:g}{unit}" for value, unit in parts if value) or "0s"
+
+
+def count_text(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def print_estimates(
@@ -592,7 +603,8 @@ def print_estimates(
     unknown = sum(1 for _, estimate in planned if estimate is None)
     note = f"; {unknown} windows without an estimate not counted" if unknown else ""
     print(
-        f"{len(planned)} windows, estimated {totals[0]:,} rows, {totals[1]:,} bytes "
+        f"{count_text(len(planned), 'window')}, estimated {totals[0]:,} rows, "
+        f"{totals[1]:,} bytes "
         f"({totals[2]:,} compressed){note}"
     )
 

@@ -787,3 +787,35 @@ def test_a_profiler_gets_to_write_its_profile(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "TransactionTime" in done.stdout
     assert profile.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("late", "window", "spans", "total"),
+    [
+        (0.0, "1h", ["1h"], "1 window"),
+        (0.0, "20m", ["20m", "20m", "20m"], "3 windows"),
+        (30.5, "1h", ["59m29.5s"], "1 window"),
+    ],
+)
+def test_plan_prints_spans_as_the_flags_write_them(
+    late: float, window: str, spans: list[str], total: str
+) -> None:
+    end = hour_now() - 2 * HOUR
+    start = end - HOUR + dt.timedelta(seconds=late)
+    done = journey_export(
+        "plan", "--start", start.isoformat(), "--end", end.isoformat(),
+        "--window", window,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    *windows, last = done.stdout.splitlines()
+    assert [line.split("\t")[1] for line in windows] == spans
+    assert last == total
+
+
+def test_a_usage_error_of_a_subcommand_starts_as_every_error_does() -> None:
+    done = journey_export("values", "bogus")
+
+    assert done.returncode == 2
+    assert done.stderr.startswith("journey-export: error: argument kind: invalid")
+    assert "(see journey-export values --help)" in done.stderr
