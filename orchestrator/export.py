@@ -19,7 +19,9 @@ from orchestrator.estimates import estimate_windows, history_lag
 from orchestrator.job import ExportJob, ExportResult, Hooks
 from orchestrator.lock import OutputLock
 from orchestrator.manifest import (
+    DONE,
     FAILED,
+    MERGED,
     PENDING,
     ExportPaths,
     Manifest,
@@ -44,7 +46,7 @@ async def run_export(
 
     check_state_files(paths)
     with _lock_output(settings, paths):
-        fresh = settings.restart or not paths.manifest.exists()
+        fresh = not paths.manifest.exists()  # a --restart keeps what it replaced
         manifest = open_manifest(settings, paths, hooks.now())
         assembler = _assembler(manifest, paths, settings)
         _reopen(assembler, settings, hooks.now())
@@ -109,16 +111,28 @@ def _assembler(
 
 
 def _reopen(assembler: Assembler, settings: RunSettings, now: dt.datetime) -> None:
-    """Put back to pending what this run must request again."""
+    """Put back to pending what this run must request again; never rows that SFMC
+    no longer keeps, which the output would lose."""
     # Provisional windows are refreshed once an export is complete; a rerun
     # that finishes a failed export leaves them be, so reruns converge.
     manifest = assembler.manifest
-    if manifest.complete and (reopened := assembler.reopen_provisional()):
-        logger.info("%d provisional windows to request again", reopened)
+    kept_since = retention_cutoff(now, slack=False)
+    if manifest.complete:
+        provisional = [r for r in manifest.windows if r.provisional]
+        fresh = [r for r in provisional if r.window.start >= kept_since]
+        if len(fresh) < len(provisional):
+            logger.warning(
+                "%d provisional windows reach past SFMC's retention: they keep the "
+                "rows they have",
+                len(provisional) - len(fresh),
+            )
+
+        if reopened := assembler.reopen(fresh):
+            logger.info("%d provisional windows to request again", reopened)
 
     if settings.redo:
         chosen = select_windows(manifest, settings.redo)
-        _refuse_redo_past_retention(chosen, retention_cutoff(now))
+        _refuse_redo_past_retention(chosen, kept_since)
         logger.info("%d windows to request again", assembler.reopen(chosen))
 
 
@@ -143,8 +157,13 @@ def _refuse_redo_past_retention(
     chosen: list[WindowRecord], cutoff: dt.datetime
 ) -> None:
     """Refuse, before anything is cut, a --redo of rows SFMC no longer keeps: the
-    output would lose the rows it holds."""
-    expired = [record.window for record in chosen if record.window.start < cutoff]
+    output would lose the rows it holds. Windows that hold none yet (pending or
+    failed) are left to the retention check of every run."""
+    expired = [
+        record.window
+        for record in chosen
+        if record.state in (DONE, MERGED) and record.window.start < cutoff
+    ]
     if expired:
         raise UsageError(
             f"--redo names {expired[0]}{_and_more(expired)}, which reaches past "
@@ -199,10 +218,12 @@ def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowR
 RETENTION_SLACK = dt.timedelta(minutes=5)
 
 
-def retention_cutoff(now: dt.datetime) -> dt.datetime:
+def retention_cutoff(now: dt.datetime, *, slack: bool = True) -> dt.datetime:
     """The oldest moment an export may start at: SFMC keeps 30 days of history (a
-    few minutes more are allowed, so that "the last 30 days" is accepted)."""
-    return now - dt.timedelta(days=sfmc.RETENTION_DAYS) - RETENTION_SLACK
+    few minutes more are allowed, so that "the last 30 days" is accepted; not with
+    ``slack=False``, for rows already exported)."""
+    kept = now - dt.timedelta(days=sfmc.RETENTION_DAYS)
+    return kept - RETENTION_SLACK if slack else kept
 
 
 def _refuse_past_retention(

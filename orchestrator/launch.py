@@ -70,11 +70,25 @@ def run_and_exit() -> NoReturn:
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
 
-    if sys.getprofile() is not None or sys.gettrace() is not None:
+    if _observed():
         sys.exit(code)  # a profiler or coverage writes what it found at exit
 
     logging.shutdown()
     os._exit(code)
+
+
+def _observed() -> bool:
+    """Whether a profiler or a coverage tracer watches this process (by the old
+    hooks, or by ``sys.monitoring`` from Python 3.12 on)."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return True
+
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is None:
+        return False
+
+    tools = (monitoring.PROFILER_ID, monitoring.COVERAGE_ID)
+    return any(monitoring.get_tool(tool) is not None for tool in tools)
 
 
 def keep_standard_streams_open() -> None:

@@ -312,7 +312,7 @@ def _count(value: Any) -> int:
 def _check_tiling(manifest: Manifest) -> None:
     """Raise ValueError unless the windows, with those dropped as past retention
     (``--retained-only``), cover the request's range once each, with no gap and no
-    overlap; with windows dropped, the first may also start late."""
+    overlap."""
     if not isinstance(manifest.request, dict):
         raise ValueError("its request is not an object")
 
@@ -323,9 +323,8 @@ def _check_tiling(manifest: Manifest) -> None:
 
     dropped = [_span_of(key) for key in manifest.extra.get("expired", [])]
     spans = sorted([(r.window.start, r.window.end) for r in manifest.windows] + dropped)
-    starts_right = spans[0][0] == start or (bool(dropped) and spans[0][0] > start)
     joined = all(left[1] == right[0] for left, right in itertools.pairwise(spans))
-    if not (starts_right and joined and spans[-1][1] == end):
+    if not (spans[0][0] == start and joined and spans[-1][1] == end):
         raise ValueError("its windows do not cover its range once each")
 
 
@@ -349,6 +348,10 @@ def _checked_content(path: Path) -> dict[str, Any]:
         del raw  # one copy at a time
         document = json.loads(text, object_hook=_record_or_dict)
         content: dict[str, Any] = document["manifest"]
+        for key in ("request", "extra"):  # records belong in "windows" only
+            if key in content:
+                content[key] = _as_plain(content[key])
+
         return content
 
     document = json.loads(raw)
@@ -374,6 +377,20 @@ def _framed_digest_matches(raw: bytes) -> bool:
 
 def _record_or_dict(item: dict[str, Any]) -> Any:
     return WindowRecord.from_json(item) if item.keys() == _WINDOW_KEYS else item
+
+
+def _as_plain(value: Any) -> Any:
+    """``value`` with any record the parse made in it turned back into JSON."""
+    if isinstance(value, WindowRecord):
+        return value.to_json()
+
+    if isinstance(value, dict):
+        return {key: _as_plain(item) for key, item in value.items()}
+
+    if isinstance(value, list):
+        return [_as_plain(item) for item in value]
+
+    return value
 
 
 def _as_record(item: Any) -> WindowRecord:

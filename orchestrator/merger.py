@@ -15,6 +15,7 @@ output's name only when every window is in it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import io
@@ -53,6 +54,8 @@ KERNEL_COPY = 1 << 30  # bytes asked of one copy_file_range call
 # What copy_file_range answers where the kernel or filesystem cannot copy.
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
 GZIP_LEVEL = 6
+# The manifest's note of the partial output about to be named as the output.
+PUBLISHING = "publishing"
 
 
 class PartChangedError(Exception):
@@ -175,10 +178,6 @@ class Assembler:
         found = FileIdentity.of(os.stat(self.paths.part(record.window)))
         if written is not None and written.same_contents(found):
             self._whole[record.window] = found
-
-    def reopen_provisional(self) -> int:
-        """Put windows exported while still provisional back to pending."""
-        return self.reopen([r for r in self.manifest.windows if r.provisional])
 
     def reopen(self, records: list[WindowRecord]) -> int:
         """Put windows back to pending so that this run requests them again.
@@ -442,22 +441,36 @@ class Assembler:
                 self.paths.partial, found, self.manifest.merged_bytes
             )
 
+        # Recorded first, so that a stop right after the rename is recognised.
+        publishing = FileIdentity.of(self.paths.partial.stat())
+        self.manifest.extra[PUBLISHING] = dataclasses.asdict(publishing)
+        self.manifest.save()
         os.replace(self.paths.partial, self.paths.output)
         self._record_published()
 
     def _published_unrecorded(self) -> bool:
         """Whether the last run stopped after giving the output its name and before
-        recording it: every window merged, no partial left, and the output as long
-        as the manifest records."""
-        if self.paths.partial.exists() or not self.all_merged():
+        recording it: every window merged, no partial left, and at the output the
+        very file that was about to be named, as long as the manifest records."""
+        recorded = self.manifest.extra.get(PUBLISHING)
+        if not isinstance(recorded, dict) or self.paths.partial.exists():
             return False
 
-        output = self.paths.output
-        return output.is_file() and output.stat().st_size == self.manifest.merged_bytes
+        if not self.all_merged():
+            return False
+
+        try:
+            named = FileIdentity(**recorded)
+            found = FileIdentity.of(self.paths.output.stat())
+        except (TypeError, OSError):  # a malformed note, or no output
+            return False
+
+        return named.same_contents(found) and found.size == self.manifest.merged_bytes
 
     def _record_published(self) -> None:
         fsync_directory(self.paths.output.parent)
         self.manifest.complete = True
+        self.manifest.extra.pop(PUBLISHING, None)
         self.manifest.save()
         if not self._keep_parts:
             _remove_parts_folder(self.paths)

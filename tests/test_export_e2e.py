@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import fcntl
 import itertools
@@ -329,3 +330,58 @@ async def test_a_stop_right_after_the_output_is_named_needs_no_download_again(
         sandbox.history, start, start + 4 * HOUR
     )
     assert not paths.parts.exists()
+
+
+async def test_a_lost_partial_is_never_taken_for_the_output_it_was_to_replace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A --redo assembled into the partial and stopped before the rename; the partial
+    # is then lost. The old output at the path, as long, is not the redo's result.
+    output = tmp_path / "o.csv"
+    paths = ExportPaths(output)
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        settings = run_settings(output, start, start + 3 * HOUR)
+        await run_export(settings, credentials_for(sandbox))
+        redo = (f"{start.isoformat()}/{(start + HOUR).isoformat()}",)
+
+        def stop(assembler: merger.Assembler) -> None:
+            raise Killed
+
+        with monkeypatch.context() as patched:
+            patched.setattr(merger.Assembler, "publish", stop)
+            with pytest.raises(Killed):
+                await run_export(
+                    dataclasses.replace(settings, redo=redo), credentials_for(sandbox)
+                )
+
+        paths.partial.unlink()
+        downloads = sum(sandbox.stats.downloads.values())
+        again = await run_export(settings, credentials_for(sandbox))
+        assert sum(sandbox.stats.downloads.values()) > downloads
+
+    assert again.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 3 * HOUR
+    )
+
+
+async def test_a_restart_refused_for_its_credentials_can_be_rerun(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        start = find_range_with_empty_hour(sandbox.history)
+        settings = run_settings(output, start, start + 2 * HOUR)
+        good = credentials_for(sandbox)
+        await run_export(settings, good)
+        wrong = dataclasses.replace(good, client_secret="not-the-secret")
+        with pytest.raises(CredentialsError):
+            await run_export(dataclasses.replace(settings, restart=True), wrong)
+
+        again = await run_export(settings, good)
+
+    assert again.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + 2 * HOUR
+    )

@@ -635,3 +635,14 @@ def test_a_saved_manifest_is_checked_without_writing_it_out_again(
 
     monkeypatch.setattr(manifest_module, "_digest", no_second_copy)
     assert Manifest.load(paths.manifest).windows == manifest.windows
+
+
+def test_a_window_shaped_note_in_a_manifest_stays_a_note(tmp_path: Path) -> None:
+    manifest, paths = new_manifest(tmp_path)
+    note = manifest.windows[0].to_json()
+    manifest.extra["note"] = note
+    manifest.save()
+
+    loaded = Manifest.load(paths.manifest)
+    assert loaded.extra["note"] == note
+    loaded.save()  # still plain JSON

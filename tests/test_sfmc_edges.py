@@ -470,3 +470,51 @@ async def test_a_redo_past_retention_is_refused_before_the_output_is_cut(
 
     assert Manifest.load(ExportPaths(output).manifest).complete
     assert again.complete and output.read_bytes() == published
+
+
+async def test_redo_failed_leaves_a_failed_window_past_retention_to_the_usual_check(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        start = busy_start(sandbox, hours=6)
+        await export_failing_one_hour(sandbox, output, start, failing=3)
+        later = start + 30 * 24 * HOUR + 4 * HOUR + 30 * MINUTE
+        hooks = Hooks(sleep=no_wait, now=lambda: later)
+        end = start + 6 * HOUR
+        with pytest.raises(UsageError, match="--retained-only"):
+            await run_export(
+                run_settings(output, start, end, redo=("failed",)),
+                credentials_for(sandbox),
+                hooks=hooks,
+            )
+        done = await run_export(
+            run_settings(output, start, end, redo=("failed",), retained_only=True),
+            credentials_for(sandbox),
+            hooks=hooks,
+        )
+
+    assert done.complete and done.expired == 1
+
+
+@pytest.mark.parametrize("retained_only", [False, True])
+async def test_provisional_windows_past_retention_keep_their_rows(
+    tmp_path: Path, retained_only: bool
+) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        start = busy_start(sandbox, hours=6)
+        end = start + 6 * HOUR
+        just_after = Hooks(sleep=no_wait, now=lambda: end + 5 * MINUTE)
+        settings = run_settings(output, start, end, retained_only=retained_only)
+        first = await run_export(settings, credentials_for(sandbox), hooks=just_after)
+        assert first.complete and first.provisional >= 1
+        published = output.read_bytes()
+
+        # The provisional windows have left retention since: nothing to refresh.
+        later = Hooks(sleep=no_wait, now=lambda: end + 30 * 24 * HOUR + 10 * MINUTE)
+        again = await run_export(settings, credentials_for(sandbox), hooks=later)
+
+    assert again.complete
+    assert output.read_bytes() == published
+    assert Manifest.load(ExportPaths(output).manifest).complete
