@@ -420,19 +420,27 @@ async def export_failing_one_hour(
     sandbox.update(faults=parse_faults(""))
 
 
+async def failed_hour_now_past_retention(
+    sandbox: SandboxServer, output: Path
+) -> tuple[dt.datetime, Hooks]:
+    """Export six busy hours whose fourth fails; return their start, and a clock
+    moved on until the failed hour has left retention (the hours after it have
+    not)."""
+    start = busy_start(sandbox, hours=6)
+    await export_failing_one_hour(sandbox, output, start, failing=3)
+    later = start + 30 * 24 * HOUR + 4 * HOUR + 30 * MINUTE
+    return start, Hooks(sleep=no_wait, now=lambda: later)
+
+
 async def test_retained_only_leaves_out_a_failed_window_inside_an_export(
     tmp_path: Path,
 ) -> None:
     output = tmp_path / "o.csv"
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
-        start = busy_start(sandbox, hours=6)
-        await export_failing_one_hour(sandbox, output, start, failing=3)
+        start, hooks = await failed_hour_now_past_retention(sandbox, output)
         states = [r.state for r in Manifest.load(ExportPaths(output).manifest).windows]
         assert states[3] == "failed"
 
-        # Later, the failed hour has left retention; the hours after it have not.
-        later = start + 30 * 24 * HOUR + 4 * HOUR + 30 * MINUTE
-        hooks = Hooks(sleep=no_wait, now=lambda: later)
         settings = run_settings(output, start, start + 6 * HOUR, retained_only=True)
         done = await run_export(settings, credentials_for(sandbox), hooks=hooks)
         published = output.read_bytes()
@@ -477,10 +485,7 @@ async def test_redo_failed_leaves_a_failed_window_past_retention_to_the_usual_ch
 ) -> None:
     output = tmp_path / "o.csv"
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
-        start = busy_start(sandbox, hours=6)
-        await export_failing_one_hour(sandbox, output, start, failing=3)
-        later = start + 30 * 24 * HOUR + 4 * HOUR + 30 * MINUTE
-        hooks = Hooks(sleep=no_wait, now=lambda: later)
+        start, hooks = await failed_hour_now_past_retention(sandbox, output)
         end = start + 6 * HOUR
         with pytest.raises(UsageError, match="--retained-only"):
             await run_export(
