@@ -5,7 +5,6 @@ Read top to bottom, :func:`run_export` is the whole job in a few named steps.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -27,7 +26,7 @@ from orchestrator.manifest import (
     Manifest,
     WindowRecord,
 )
-from orchestrator.merger import Assembler
+from orchestrator.merger import Assembler, remove_parts_folder
 from orchestrator.parts import make_folders, nearest_existing
 from orchestrator.planner import Window, plan_windows
 from orchestrator.timeparse import iso, parse_time
@@ -106,6 +105,8 @@ def _assembler(
     )
     if not manifest.complete:
         assembler.reconcile()
+    elif not settings.keep_parts:  # left by a stop just after the export ended
+        remove_parts_folder(paths)
 
     return assembler
 
@@ -118,15 +119,8 @@ def _reopen(assembler: Assembler, settings: RunSettings, now: dt.datetime) -> No
     manifest = assembler.manifest
     kept_since = retention_cutoff(now, slack=False)
     if manifest.complete:
-        provisional = [r for r in manifest.windows if r.provisional]
-        fresh = [r for r in provisional if r.window.start >= kept_since]
-        if len(fresh) < len(provisional):
-            logger.warning(
-                "%d provisional windows reach past SFMC's retention: they keep the "
-                "rows they have",
-                len(provisional) - len(fresh),
-            )
-
+        _settle_expired_provisional(manifest, kept_since)
+        fresh = [r for r in manifest.windows if r.provisional]
         if reopened := assembler.reopen(fresh):
             logger.info("%d provisional windows to request again", reopened)
 
@@ -151,6 +145,28 @@ async def _download_and_assemble(
 
     if job.assembler.all_merged():
         job.assembler.publish()
+
+
+def _settle_expired_provisional(manifest: Manifest, kept_since: dt.datetime) -> None:
+    """Take as final the provisional windows that reach past retention: SFMC can
+    no longer give them again, so they keep the rows they have."""
+    expired = [r for r in manifest.windows if _provisional_expired(r, kept_since)]
+    if not expired:
+        return
+
+    for record in expired:
+        record.provisional = False
+
+    manifest.save()
+    logger.warning(
+        "%d provisional windows left SFMC's retention before they could be "
+        "requested again: they keep the rows they have, which may lack late ones",
+        len(expired),
+    )
+
+
+def _provisional_expired(record: WindowRecord, kept_since: dt.datetime) -> bool:
+    return record.provisional and record.window.start < kept_since
 
 
 def _refuse_redo_past_retention(
@@ -311,7 +327,7 @@ def open_manifest(
 
     if paths.manifest.exists():
         manifest = Manifest.load(paths.manifest)
-        _check_same_request(manifest, identity, paths)
+        _check_same_request(manifest, identity, paths, now)
         if manifest.complete and settings.output.exists():
             _check_published(manifest, settings.output)
 
@@ -374,7 +390,10 @@ def _new_manifest(
 
 
 def _check_same_request(
-    manifest: Manifest, identity: dict[str, object], paths: ExportPaths
+    manifest: Manifest,
+    identity: dict[str, object],
+    paths: ExportPaths,
+    now: dt.datetime,
 ) -> None:
     if manifest.request == identity:
         return
@@ -387,7 +406,11 @@ def _check_same_request(
     if differing == {"range_as_given"}:
         return  # the same range, written another way
 
-    provisional = any(record.provisional for record in manifest.windows)
+    kept_since = retention_cutoff(now, slack=False)
+    provisional = any(
+        r.provisional and not _provisional_expired(r, kept_since)
+        for r in manifest.windows
+    )
     if differing <= {"start", "end"} and (provisional or not manifest.complete):
         logger.info(
             "going on with the export of %s (%s): the same command, whose "
@@ -431,8 +454,7 @@ def _nothing_requested(manifest: Manifest) -> bool:
 def _forget(paths: ExportPaths) -> None:
     """Remove the state of an export that stopped before requesting anything."""
     _discard_state(paths)
-    with contextlib.suppress(OSError):  # only if empty
-        paths.parts.rmdir()
+    remove_parts_folder(paths)
 
 
 def _discard_state(paths: ExportPaths) -> None:

@@ -451,7 +451,8 @@ class Assembler:
     def _published_unrecorded(self) -> bool:
         """Whether the last run stopped after giving the output its name and before
         recording it: every window merged, no partial left, and at the output the
-        very file that was about to be named, as long as the manifest records."""
+        very file that was about to be named (the note saved just before the
+        rename), as long as the manifest records."""
         recorded = self.manifest.extra.get(PUBLISHING)
         if not isinstance(recorded, dict) or self.paths.partial.exists():
             return False
@@ -465,7 +466,10 @@ class Assembler:
         except (TypeError, OSError):  # a malformed note, or no output
             return False
 
-        return named.same_contents(found) and found.size == self.manifest.merged_bytes
+        # The same file (a rename keeps it), as long as recorded; its times may
+        # have been touched since.
+        same = (found.device, found.inode) == (named.device, named.inode)
+        return same and found.size == named.size == self.manifest.merged_bytes
 
     def _record_published(self) -> None:
         fsync_directory(self.paths.output.parent)
@@ -473,7 +477,7 @@ class Assembler:
         self.manifest.extra.pop(PUBLISHING, None)
         self.manifest.save()
         if not self._keep_parts:
-            _remove_parts_folder(self.paths)
+            remove_parts_folder(self.paths)
 
     def append_header_only(self) -> None:
         with open_private(self.paths.partial) as output:
@@ -571,7 +575,7 @@ def _copy_in_kernel(source: int, target: int) -> int:
         copied += count
 
 
-def _remove_parts_folder(paths: ExportPaths) -> None:
+def remove_parts_folder(paths: ExportPaths) -> None:
     """Delete the parts left (their rows are in the published output) and the
     folder; only files named as parts are deleted, and a folder holding anything
     else stays."""

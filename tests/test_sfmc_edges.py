@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.commands import exit_code_of, summary_line
 from orchestrator.config import ExportRequest
-from orchestrator.errors import ExitCode, UsageError
+from orchestrator.errors import ExitCode, ManifestError, UsageError
 from orchestrator.export import Hooks, run_export
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.sandbox import History, SandboxServer, SandboxSettings, parse_faults
@@ -519,7 +519,12 @@ async def test_provisional_windows_past_retention_keep_their_rows(
         # The provisional windows have left retention since: nothing to refresh.
         later = Hooks(sleep=no_wait, now=lambda: end + 30 * 24 * HOUR + 10 * MINUTE)
         again = await run_export(settings, credentials_for(sandbox), hooks=later)
+        assert again.complete and not again.provisional
 
-    assert again.complete
+        # The same command with relative times now names another range: refused.
+        moved = run_settings(output, start + 24 * HOUR, end + 24 * HOUR)
+        with pytest.raises(ManifestError, match="already holds a complete export"):
+            await run_export(moved, credentials_for(sandbox), hooks=later)
+
     assert output.read_bytes() == published
     assert Manifest.load(ExportPaths(output).manifest).complete
