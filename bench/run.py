@@ -252,6 +252,11 @@ def unshaped(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "baseline": lambda out: baseline(
                 start, end, out, concurrency, "none", columns=columns
             ),
+            # The least a durable export writes: each body to a file, synced.
+            "curl_durable": lambda out: [
+                *baseline(start, end, out, concurrency, "none", columns=columns),
+                "--write-only",
+            ],
         }
         runs: dict[str, list[Run]] = {name: [] for name in tools}
         digests: set[str] = set()
