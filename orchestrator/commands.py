@@ -329,7 +329,10 @@ def _run_since_last(
         return _finish(args, nothing_new(plan.start))
 
     try:
-        settings = build_settings(plan.options, config, now=_now())
+        settings = dataclasses.replace(
+            build_settings(plan.options, config, now=_now()),
+            history_lag_seconds=plan.lag,
+        )
         args.resolved_output = settings.output
         check_written_paths(args, settings.output, inputs_of(args, options, config))
         result = _run(args, settings, credentials)

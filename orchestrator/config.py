@@ -123,6 +123,8 @@ class RunSettings:
     min_window: dt.timedelta = dt.timedelta(minutes=1)
     retained_only: bool = False
     history_lag_fallback_seconds: float = 7200.0
+    # Known already (a --since-last run's end was set by it): not asked again.
+    history_lag_seconds: float | None = None
     max_duration: dt.timedelta | None = None
     gzip_output: bool = False
     redo: tuple[str, ...] = ()

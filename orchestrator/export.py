@@ -22,6 +22,7 @@ from orchestrator.manifest import (
     FAILED,
     MERGED,
     PENDING,
+    REOPENED,
     ExportPaths,
     Manifest,
     WindowRecord,
@@ -278,6 +279,28 @@ def retained_windows(settings: RunSettings, now: dt.datetime) -> list[Window]:
     return kept
 
 
+def _refuse_losing_published_rows(
+    manifest: Manifest, todo: list[WindowRecord], output: Path, now: dt.datetime
+) -> None:
+    """Refuse to go on when windows put back to be requested again (a --redo or a
+    refresh that was stopped) have left retention since: the published output
+    holds their rows, which SFMC can no longer give back."""
+    kept_since = retention_cutoff(now, slack=False)
+    listed = manifest.extra.get(REOPENED)
+    noted = {str(key) for key in listed} if isinstance(listed, list) else set()
+    held = [r for r in todo if r.window.key in noted and r.window.start < kept_since]
+    if not held or not output.exists():
+        return
+
+    raise UsageError(
+        f"{len(held)} windows put back to be requested again ({held[0].window}"
+        f"{_and_more([r.window for r in held])}) have left SFMC's "
+        f"{sfmc.RETENTION_DAYS}-day retention since, and {output} still holds their "
+        "rows as last published: keep that file (move it and its .manifest.json "
+        "elsewhere); this export can no longer be finished"
+    )
+
+
 def _refuse_all_past_retention(
     start: dt.datetime, end: dt.datetime, cutoff: dt.datetime
 ) -> None:
@@ -294,6 +317,7 @@ def check_retention(
     """Refuse windows still to request that reach past retention, or drop them."""
     cutoff = retention_cutoff(now)
     todo = [r for r in manifest.windows if r.state in (PENDING, FAILED)]
+    _refuse_losing_published_rows(manifest, todo, settings.output, now)
     reaching = [r for r in todo if r.window.start < cutoff]
     if not reaching:
         return
@@ -381,6 +405,17 @@ def _new_manifest(
     if not settings.retained_only:  # refuse before planning what may be years
         _refuse_past_retention(settings.start, settings.end, retention_cutoff(now))
 
+    kept_since = retention_cutoff(now, slack=False)
+    early = kept_since - settings.start  # seconds of it for "-30d": not worth a word
+    if early > dt.timedelta(minutes=1) and settings.start >= retention_cutoff(now):
+        logger.warning(
+            "%s is just before SFMC's %d-day line (%s): rows of those first moments "
+            "may be gone already",
+            iso(settings.start),
+            sfmc.RETENTION_DAYS,
+            iso(kept_since),
+        )
+
     windows = plan_windows(settings.start, settings.end, settings.window)
     manifest = Manifest(paths.manifest, identity, [WindowRecord(w) for w in windows])
     check_retention(manifest, settings, now)  # before anything is written
@@ -422,11 +457,17 @@ def _check_same_request(
 
     shown = ", ".join(sorted(_REQUEST_WORDS.get(key, key) for key in differing))
     if manifest.complete:
+        gone = manifest.windows[0].window.start < kept_since
+        replace = (
+            "; keep that file: SFMC no longer has all of its rows"
+            if gone
+            else ", or delete that file and its .manifest.json to replace it"
+        )
         raise ManifestError(
             f"{paths.output} already holds a complete export of "
             f"{_range_of(manifest)} (different: {shown}); choose another --output "
-            "(with --since-last, name outputs to the minute: {start:%Y%m%dT%H%MZ}), "
-            "or delete that file and its .manifest.json to replace it"
+            "(with --since-last, name outputs to the minute: {start:%Y%m%dT%H%MZ})"
+            f"{replace}"
         )
 
     raise ManifestError(

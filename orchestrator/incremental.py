@@ -17,13 +17,14 @@ from typing import Any
 import anyio
 
 from orchestrator import sfmc
-from orchestrator.config import ExportRequest, RunSettings, build_settings
+from orchestrator.config import ExportRequest, build_settings
 from orchestrator.credentials import Credentials
 from orchestrator.errors import ManifestError, UsageError
 from orchestrator.estimates import history_lag
 from orchestrator.export import request_identity, retention_cutoff
 from orchestrator.job import ExportResult
 from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.merger import remove_parts_folder
 from orchestrator.reporting import write_atomically
 from orchestrator.timeparse import iso, parse_time
 
@@ -178,6 +179,8 @@ class SinceLast:
     # put back if the run is refused before it begins); None when nothing was.
     replaced: Any = None
     recorded_first: bool = False
+    # The history lag that set the end: the run takes it as it is.
+    lag: float | None = None
 
 
 def plan_since_last(
@@ -212,7 +215,8 @@ def plan_since_last(
     if start is not None and not probe.retained_only:
         _refuse_a_chain_past_retention(start, path, now)
 
-    end = _end(probe, credentials, now)
+    lag = anyio.run(history_lag, credentials, probe)
+    end = (now - dt.timedelta(seconds=lag)).replace(second=0, microsecond=0)
     begin = iso(start) if start else str(first)
     begin = _skip_unrecorded(
         options, config, state=path, key=key, begin=begin, end=end, now=now
@@ -225,9 +229,9 @@ def plan_since_last(
         chosen["start"] = iso(build_settings(chosen, config, now=now).start)
         record_first_start(path, key, start=chosen["start"], given=given)
         replaced = state.get(key)
-        return SinceLast(chosen, path, key, chosen["start"], replaced, True)
+        return SinceLast(chosen, path, key, chosen["start"], replaced, True, lag)
 
-    return SinceLast(chosen, path, key, chosen["start"])
+    return SinceLast(chosen, path, key, chosen["start"], lag=lag)
 
 
 def _refuse_a_chain_past_retention(
@@ -260,11 +264,6 @@ def _first_start(options: Mapping[str, Any], config: Mapping[str, Any]) -> Any:
     return options.get("start") or export.get("start")
 
 
-def _end(probe: RunSettings, credentials: Credentials, now: dt.datetime) -> dt.datetime:
-    lag = anyio.run(history_lag, credentials, probe)
-    return (now - dt.timedelta(seconds=lag)).replace(second=0, microsecond=0)
-
-
 def _skip_unrecorded(
     options: dict[str, Any],
     config: Mapping[str, Any],
@@ -290,6 +289,9 @@ def _skip_unrecorded(
             "%s completed without its end being recorded; recording it", settings.output
         )
         record_end(state, key, end=finished, output=str(settings.output))
+        if not settings.keep_parts:  # left when the stop came before its removal
+            remove_parts_folder(ExportPaths(settings.output))
+
         begin = finished
 
     return begin

@@ -183,6 +183,9 @@ class ExportJob:
 
     async def _history_lag(self) -> float:
         assert self.client is not None
+        if self.settings.history_lag_seconds is not None:
+            return self.settings.history_lag_seconds
+
         fallback = self.settings.history_lag_fallback_seconds
         try:
             lag = await self.client.freshness()

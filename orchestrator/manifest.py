@@ -38,6 +38,9 @@ DONE = "done"
 MERGED = "merged"
 FAILED = "failed"
 STATES = (PENDING, DONE, MERGED, FAILED)
+# The manifest's note of windows put back to pending whose rows the published
+# output still holds (a --redo, or the refresh of provisional windows).
+REOPENED = "reopened"
 
 
 # A part, a download cut short (.tmp) and a boundary pass cut short (.kept).

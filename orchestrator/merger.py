@@ -34,6 +34,7 @@ from orchestrator.manifest import (
     FAILED,
     MERGED,
     PENDING,
+    REOPENED,
     ExportPaths,
     Manifest,
     WindowRecord,
@@ -198,6 +199,7 @@ class Assembler:
         offsets = [
             r.offset for r in reopen if r.state == MERGED and r.offset is not None
         ]
+        self._note_published_rows(reopen)
         if offsets:
             self._cut(min(offsets), reopen, source)
 
@@ -209,6 +211,17 @@ class Assembler:
         self.manifest.save()
         self._reconcile_parts()
         return len(reopen)
+
+    def _note_published_rows(self, reopen: list[WindowRecord]) -> None:
+        """Note the windows reopened whose rows the published output holds, until
+        the next one replaces it: they must never be dropped as past retention."""
+        if not self.paths.output.exists():
+            return
+
+        noted = self.manifest.extra.setdefault(REOPENED, [])
+        for record in reopen:
+            if record.state == MERGED and record.window.key not in noted:
+                noted.append(record.window.key)
 
     def _cut(self, offset: int, reopen: list[WindowRecord], source: Path) -> None:
         merged = [r for r in self.manifest.windows if r.state == MERGED]
@@ -475,6 +488,7 @@ class Assembler:
         fsync_directory(self.paths.output.parent)
         self.manifest.complete = True
         self.manifest.extra.pop(PUBLISHING, None)
+        self.manifest.extra.pop(REOPENED, None)
         self.manifest.save()
         if not self._keep_parts:
             remove_parts_folder(self.paths)
@@ -590,8 +604,8 @@ def _remove(part: Path) -> None:
         part.unlink(missing_ok=True)
     except OSError as error:
         raise StateWriteError(
-            f"cannot delete {part} ({error.strerror or error}): it should be a part "
-            "file of this export; remove it and rerun"
+            f"cannot delete the part {part} ({error.strerror or error}); delete it "
+            "by hand, then rerun"
         ) from None
 
 

@@ -640,7 +640,7 @@ async def test_a_directory_in_place_of_a_part_stops_the_run_with_the_fix(
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
         with monkeypatch.context() as patched:
             acted = before_the_second_windows_append(patched, block)
-            with pytest.raises(StateWriteError, match="remove it and rerun"):
+            with pytest.raises(StateWriteError, match="delete it by hand, then rerun"):
                 await export_with(sandbox, output)
 
         blocked = [ExportPaths(output).part(record.window) for record in acted]

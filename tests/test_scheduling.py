@@ -26,7 +26,8 @@ from orchestrator.commands import (
     summary_line,
 )
 from orchestrator.config import build_request, build_settings
-from orchestrator.errors import ExitCode, StateWriteError, UsageError
+from orchestrator.download import JourneyHistoryClient
+from orchestrator.errors import ExitCode, RetryableError, StateWriteError, UsageError
 from orchestrator.incremental import request_key
 from orchestrator.job import ExportResult
 from orchestrator.manifest import ExportPaths, Manifest
@@ -868,3 +869,56 @@ def test_every_folder_a_since_last_run_makes_is_closed_to_others(
         str(f): 0o700 for f in made
     }
     assert stat.S_IMODE(metrics.stat().st_mode) == 0o755  # read by node_exporter
+
+
+def test_a_since_last_run_takes_the_lag_that_set_its_end(
+    tmp_path: Path, sandbox_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The freshness call answers once, then fails: the run must not take its
+    # windows for provisional by the fallback lag (nothing would refresh them).
+    template = str(tmp_path / "j_{start:%Y%m%dT%H%MZ}.csv")
+    start = (hour_now() - 4 * HOUR).isoformat()
+    report = tmp_path / "r.json"
+    command = ["run", "--since-last", "--start", start, "--output", template]
+    answered = JourneyHistoryClient.freshness
+    calls: list[int] = []
+
+    async def once(client: JourneyHistoryClient) -> float | None:
+        calls.append(1)
+        if len(calls) > 1:
+            raise RetryableError("the freshness call failed")
+
+        return await answered(client)
+
+    with monkeypatch.context() as patched:
+        prepare_in_process(patched, env_for(sandbox_port))
+        patched.setattr(JourneyHistoryClient, "freshness", once)
+        code = main([*command, "--report", str(report)])
+
+    assert code == ExitCode.OK
+    assert json.loads(report.read_text())["provisional"] == 0
+    assert len(calls) == 1
+
+
+def test_a_since_last_run_recording_an_earlier_end_clears_its_parts_folder(
+    tmp_path: Path, sandbox_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    template = str(tmp_path / "j_{start:%Y%m%dT%H%MZ}.csv")
+    start = (hour_now() - 4 * HOUR).isoformat()
+    command = ["run", "--since-last", "--start", start, "--output", template]
+
+    def read_only(path: Path, key: str, *, end: str, output: str) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with monkeypatch.context() as patched:
+        prepare_in_process(patched, env_for(sandbox_port))
+        with monkeypatch.context() as failing:
+            failing.setattr(commands, "record_end", read_only)
+            assert main(command) == ExitCode.WINDOWS_FAILED
+
+        (output,) = tmp_path.glob("j_*.csv")
+        left = ExportPaths(output).parts
+        left.mkdir()  # as a stop just before its removal leaves it
+        assert main(command) == ExitCode.OK
+
+    assert not left.exists()

@@ -14,6 +14,7 @@ from orchestrator.commands import exit_code_of, summary_line
 from orchestrator.config import ExportRequest
 from orchestrator.errors import ExitCode, ManifestError, UsageError
 from orchestrator.export import Hooks, run_export
+from orchestrator.job import ExportJob
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.sandbox import History, SandboxServer, SandboxSettings, parse_faults
 from orchestrator.timeparse import iso, to_millis
@@ -523,8 +524,59 @@ async def test_provisional_windows_past_retention_keep_their_rows(
 
         # The same command with relative times now names another range: refused.
         moved = run_settings(output, start + 24 * HOUR, end + 24 * HOUR)
-        with pytest.raises(ManifestError, match="already holds a complete export"):
+        refused = r"already holds a complete export.*keep that file"
+        with pytest.raises(ManifestError, match=refused):
             await run_export(moved, credentials_for(sandbox), hooks=later)
 
     assert output.read_bytes() == published
     assert Manifest.load(ExportPaths(output).manifest).complete
+
+
+class Killed(BaseException):
+    """The process dying at that very step."""
+
+
+@pytest.mark.parametrize("retained_only", [False, True])
+async def test_rows_held_by_the_output_survive_a_refresh_stopped_until_too_late(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retained_only: bool
+) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
+        start = busy_start(sandbox, hours=6)
+        end = start + 6 * HOUR
+        settings = run_settings(output, start, end, retained_only=retained_only)
+        just_after = Hooks(sleep=no_wait, now=lambda: end + 5 * MINUTE)
+        assert await run_export(settings, credentials_for(sandbox), hooks=just_after)
+        published = output.read_bytes()
+
+        async def stop(*args: Any) -> None:
+            raise Killed
+
+        # The refresh of the provisional windows stops before it gets them...
+        an_hour_on = Hooks(sleep=no_wait, now=lambda: end + HOUR)
+        with monkeypatch.context() as patched:
+            patched.setattr(ExportJob, "_fetch", stop)
+            with pytest.raises((Killed, BaseExceptionGroup)):  # from a worker
+                await run_export(settings, credentials_for(sandbox), hooks=an_hour_on)
+
+        # ...and the next run comes once they have left retention.
+        later = Hooks(sleep=no_wait, now=lambda: end + 30 * 24 * HOUR + HOUR)
+        with pytest.raises(UsageError, match="still holds their rows"):
+            await run_export(settings, credentials_for(sandbox), hooks=later)
+
+    assert output.read_bytes() == published
+
+
+async def test_a_start_minutes_before_the_30_day_line_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with SandboxServer(SandboxSettings(rows_per_hour=10)) as sandbox:
+        now = dt.datetime.now(dt.UTC)
+        start = now - 30 * 24 * HOUR - 3 * MINUTE
+        await run_export(
+            run_settings(tmp_path / "o.csv", start, start + HOUR, estimate=False),
+            credentials_for(sandbox),
+            hooks=Hooks(now=lambda: now),
+        )
+
+    assert "just before SFMC's 30-day line" in caplog.text
