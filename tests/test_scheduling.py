@@ -48,6 +48,11 @@ NOW = dt.datetime(2026, 11, 20, 12, 34, 56, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
 
 
+def end_not_recorded(path: Path, key: str, *, end: str, output: str) -> None:
+    """``record_end`` on a state folder that has become read-only."""
+    raise PermissionError(13, "Permission denied", str(path))
+
+
 def prepare_in_process(patched: pytest.MonkeyPatch, env: dict[str, str]) -> None:
     """Give main() this environment, and put the root logger back after it (main()
     sets up logging)."""
@@ -793,13 +798,10 @@ def test_an_end_that_cannot_be_recorded_exits_1_with_its_reports_and_is_recorded
     command = ["run", "--since-last", "--start", start, "--output", template]
     command += ["--report", str(report)]
 
-    def read_only(path: Path, key: str, *, end: str, output: str) -> None:
-        raise PermissionError(13, "Permission denied", str(path))
-
     with monkeypatch.context() as patched:
         prepare_in_process(patched, env_for(sandbox_port))
         with monkeypatch.context() as failing:
-            failing.setattr(commands, "record_end", read_only)
+            failing.setattr(commands, "record_end", end_not_recorded)
             unrecorded = main(command)
         written = json.loads(report.read_text())
         out, err = capsys.readouterr()
@@ -907,13 +909,10 @@ def test_a_since_last_run_recording_an_earlier_end_clears_its_parts_folder(
     start = (hour_now() - 4 * HOUR).isoformat()
     command = ["run", "--since-last", "--start", start, "--output", template]
 
-    def read_only(path: Path, key: str, *, end: str, output: str) -> None:
-        raise PermissionError(13, "Permission denied", str(path))
-
     with monkeypatch.context() as patched:
         prepare_in_process(patched, env_for(sandbox_port))
         with monkeypatch.context() as failing:
-            failing.setattr(commands, "record_end", read_only)
+            failing.setattr(commands, "record_end", end_not_recorded)
             assert main(command) == ExitCode.WINDOWS_FAILED
 
         (output,) = tmp_path.glob("j_*.csv")
