@@ -286,9 +286,13 @@ def _refuse_losing_published_rows(
     refresh that was stopped) have left retention since: the published output
     holds their rows, which SFMC can no longer give back."""
     kept_since = retention_cutoff(now, slack=False)
-    listed = manifest.extra.get(REOPENED)
-    noted = {str(key) for key in listed} if isinstance(listed, list) else set()
-    held = [r for r in todo if r.window.key in noted and r.window.start < kept_since]
+    spans = _reopened_spans(manifest)
+    held = [
+        r
+        for r in todo
+        if r.window.start < kept_since
+        and any(s <= r.window.start and r.window.end <= e for s, e in spans)
+    ]  # a window split since lies inside the span noted
     if not held or not output.exists():
         return
 
@@ -299,6 +303,24 @@ def _refuse_losing_published_rows(
         "rows as last published: keep that file (move it and its .manifest.json "
         "elsewhere); this export can no longer be finished"
     )
+
+
+def _reopened_spans(manifest: Manifest) -> list[tuple[dt.datetime, dt.datetime]]:
+    listed = manifest.extra.get(REOPENED)
+    if not isinstance(listed, list):
+        return []
+
+    spans = []
+    for key in listed:
+        try:
+            start, end = str(key).split("/")
+            spans.append(
+                (dt.datetime.fromisoformat(start), dt.datetime.fromisoformat(end))
+            )
+        except ValueError:
+            continue  # not a window's key: nothing noted there
+
+    return spans
 
 
 def _refuse_all_past_retention(
@@ -322,7 +344,9 @@ def check_retention(
     if not reaching:
         return
 
-    first, last = reaching[0].window.start, reaching[-1].window.end
+    # In time order: the later half of a split window comes first in the list.
+    first = min(r.window.start for r in reaching)
+    last = max(r.window.end for r in reaching)
     if not settings.retained_only:
         _refuse_past_retention(first, last, cutoff)
 

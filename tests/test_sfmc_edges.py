@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from pathlib import Path
@@ -15,7 +16,7 @@ from orchestrator.config import ExportRequest
 from orchestrator.errors import ExitCode, ManifestError, UsageError
 from orchestrator.export import Hooks, run_export
 from orchestrator.job import ExportJob
-from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.manifest import ExportPaths, Manifest, WindowRecord
 from orchestrator.sandbox import History, SandboxServer, SandboxSettings, parse_faults
 from orchestrator.timeparse import iso, to_millis
 from tests.conftest import (
@@ -580,3 +581,40 @@ async def test_a_start_minutes_before_the_30_day_line_is_warned_of(
         )
 
     assert "just before SFMC's 30-day line" in caplog.text
+
+
+@pytest.mark.parametrize("retained_only", [False, True])
+async def test_rows_held_by_the_output_survive_a_redo_split_then_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retained_only: bool
+) -> None:
+    output = tmp_path / "o.csv"
+    async with SandboxServer(SandboxSettings(rows_per_hour=200)) as sandbox:
+        start = busy_start(sandbox, hours=3)
+        end = start + 3 * HOUR
+        settings = run_settings(output, start, end, retained_only=retained_only)
+        final = Hooks(sleep=no_wait, now=lambda: end + 5 * HOUR)
+        assert await run_export(settings, credentials_for(sandbox), hooks=final)
+        published = output.read_bytes()
+        fetch = ExportJob._fetch
+        fetched: list[WindowRecord] = []
+
+        async def once(job: ExportJob, record: WindowRecord) -> Any:
+            fetched.append(record)
+            if len(fetched) > 1:
+                raise Killed
+
+            return await fetch(job, record)  # over the cap: split, and saved
+
+        # A --redo with a smaller cap splits its window, then stops.
+        redo = (f"{iso(start)}/{iso(start + HOUR)}",)
+        smaller = dataclasses.replace(settings, redo=redo, cap_bytes=4_000)
+        with monkeypatch.context() as patched:
+            patched.setattr(ExportJob, "_fetch", once)
+            with pytest.raises((Killed, BaseExceptionGroup)):  # from a worker
+                await run_export(smaller, credentials_for(sandbox), hooks=final)
+
+        later = Hooks(sleep=no_wait, now=lambda: end + 30 * 24 * HOUR + HOUR)
+        with pytest.raises(UsageError, match="still holds their rows"):
+            await run_export(settings, credentials_for(sandbox), hooks=later)
+
+    assert output.read_bytes() == published
