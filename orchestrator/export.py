@@ -5,6 +5,7 @@ Read top to bottom, :func:`run_export` is the whole job in a few named steps.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -121,8 +122,8 @@ def _reopen(assembler: Assembler, settings: RunSettings, now: dt.datetime) -> No
     kept_since = retention_cutoff(now, slack=False)
     if manifest.complete:
         _settle_expired_provisional(manifest, kept_since)
-        fresh = [r for r in manifest.windows if r.provisional]
-        if reopened := assembler.reopen(fresh):
+        refreshable = [r for r in manifest.windows if r.provisional]
+        if reopened := assembler.reopen(refreshable):
             logger.info("%d provisional windows to request again", reopened)
 
     if settings.redo:
@@ -286,13 +287,13 @@ def _refuse_losing_published_rows(
     refresh that was stopped) have left retention since: the published output
     holds their rows, which SFMC can no longer give back."""
     kept_since = retention_cutoff(now, slack=False)
-    spans = _reopened_spans(manifest)
+    noted = _reopened_windows(manifest)
     held = [
         r
         for r in todo
         if r.window.start < kept_since
-        and any(s <= r.window.start and r.window.end <= e for s, e in spans)
-    ]  # a window split since lies inside the span noted
+        and any(n.start <= r.window.start and r.window.end <= n.end for n in noted)
+    ]  # a window split since lies inside the one noted
     if not held or not output.exists():
         return
 
@@ -305,22 +306,17 @@ def _refuse_losing_published_rows(
     )
 
 
-def _reopened_spans(manifest: Manifest) -> list[tuple[dt.datetime, dt.datetime]]:
+def _reopened_windows(manifest: Manifest) -> list[Window]:
     listed = manifest.extra.get(REOPENED)
     if not isinstance(listed, list):
         return []
 
-    spans = []
+    windows = []
     for key in listed:
-        try:
-            start, end = str(key).split("/")
-            spans.append(
-                (dt.datetime.fromisoformat(start), dt.datetime.fromisoformat(end))
-            )
-        except ValueError:
-            continue  # not a window's key: nothing noted there
+        with contextlib.suppress(ValueError):  # not a window's key: nothing noted
+            windows.append(Window.from_key(key))
 
-    return spans
+    return windows
 
 
 def _refuse_all_past_retention(
@@ -582,6 +578,15 @@ def _check_parts_folder(paths: ExportPaths) -> None:
         )
 
 
+def _range_of(manifest: Manifest) -> str:
+    """The export's range as messages give times: ``2026-11-03T05:00:00Z to ...``."""
+    start, end = (
+        iso(dt.datetime.fromisoformat(manifest.request[key]))
+        for key in ("start", "end")
+    )
+    return f"{start} to {end}"
+
+
 __all__ = [
     "ExportResult",
     "Hooks",
@@ -590,12 +595,3 @@ __all__ = [
     "retained_windows",
     "run_export",
 ]
-
-
-def _range_of(manifest: Manifest) -> str:
-    """The export's range as messages give times: ``2026-11-03T05:00:00Z to ...``."""
-    start, end = (
-        iso(dt.datetime.fromisoformat(manifest.request[key]))
-        for key in ("start", "end")
-    )
-    return f"{start} to {end}"

@@ -38,9 +38,11 @@ DONE = "done"
 MERGED = "merged"
 FAILED = "failed"
 STATES = (PENDING, DONE, MERGED, FAILED)
-# The manifest's note of windows put back to pending whose rows the published
-# output still holds (a --redo, or the refresh of provisional windows).
+# The manifest's notes (in ``extra``): windows put back to pending whose rows the
+# published output still holds (a --redo, or the refresh of provisional windows);
+# the partial output about to be named as the output.
 REOPENED = "reopened"
+PUBLISHING = "publishing"
 
 
 # A part, a download cut short (.tmp) and a boundary pass cut short (.kept).
@@ -324,16 +326,11 @@ def _check_tiling(manifest: Manifest) -> None:
     if not manifest.windows:
         raise ValueError("it has no windows")
 
-    dropped = [_span_of(key) for key in manifest.extra.get("expired", [])]
-    spans = sorted([(r.window.start, r.window.end) for r in manifest.windows] + dropped)
-    joined = all(left[1] == right[0] for left, right in itertools.pairwise(spans))
-    if not (spans[0][0] == start and joined and spans[-1][1] == end):
+    dropped = [Window.from_key(key) for key in manifest.extra.get("expired", [])]
+    spans = sorted([r.window for r in manifest.windows] + dropped)
+    joined = all(left.end == right.start for left, right in itertools.pairwise(spans))
+    if not (spans[0].start == start and joined and spans[-1].end == end):
         raise ValueError("its windows do not cover its range once each")
-
-
-def _span_of(key: str) -> tuple[dt.datetime, dt.datetime]:
-    start, end = str(key).split("/")
-    return dt.datetime.fromisoformat(start), dt.datetime.fromisoformat(end)
 
 
 def _checked_content(path: Path) -> dict[str, Any]:

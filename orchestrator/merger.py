@@ -34,6 +34,7 @@ from orchestrator.manifest import (
     FAILED,
     MERGED,
     PENDING,
+    PUBLISHING,
     REOPENED,
     ExportPaths,
     Manifest,
@@ -55,8 +56,6 @@ KERNEL_COPY = 1 << 30  # bytes asked of one copy_file_range call
 # What copy_file_range answers where the kernel or filesystem cannot copy.
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
 GZIP_LEVEL = 6
-# The manifest's note of the partial output about to be named as the output.
-PUBLISHING = "publishing"
 
 
 class PartChangedError(Exception):

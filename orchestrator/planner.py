@@ -28,6 +28,12 @@ class Window:
         """A stable name, used in the manifest, part file names and logs."""
         return f"{iso(self.start)}/{iso(self.end)}"
 
+    @classmethod
+    def from_key(cls, key: str) -> Window:
+        """The window a :attr:`key` names; ValueError if it names none."""
+        start, end = str(key).split("/")
+        return cls(dt.datetime.fromisoformat(start), dt.datetime.fromisoformat(end))
+
     @property
     def span(self) -> dt.timedelta:
         return self.end - self.start

@@ -12,10 +12,10 @@ import anyio
 import pytest
 
 from orchestrator.commands import exit_code_of, summary_line
-from orchestrator.config import ExportRequest
+from orchestrator.config import ExportRequest, RunSettings
 from orchestrator.errors import ExitCode, ManifestError, UsageError
 from orchestrator.export import Hooks, run_export
-from orchestrator.job import ExportJob
+from orchestrator.job import ExportJob, ExportResult
 from orchestrator.manifest import ExportPaths, Manifest, WindowRecord
 from orchestrator.sandbox import History, SandboxServer, SandboxSettings, parse_faults
 from orchestrator.timeparse import iso, to_millis
@@ -504,17 +504,41 @@ async def test_redo_failed_leaves_a_failed_window_past_retention_to_the_usual_ch
     assert done.complete and done.expired == 1
 
 
+async def export_busy_hours(
+    sandbox: SandboxServer,
+    output: Path,
+    *,
+    hours: int,
+    retained_only: bool,
+    after: dt.timedelta,
+) -> tuple[RunSettings, ExportResult]:
+    """Export ``hours`` busy hours with the tool's clock ``after`` past their end."""
+    start = busy_start(sandbox, hours=hours)
+    end = start + hours * HOUR
+    settings = run_settings(output, start, end, retained_only=retained_only)
+    hooks = Hooks(sleep=no_wait, now=lambda: end + after)
+    return settings, await run_export(settings, credentials_for(sandbox), hooks=hooks)
+
+
+async def refused_for_the_rows_it_holds(
+    sandbox: SandboxServer, settings: RunSettings
+) -> None:
+    """Rerun once the windows put back have left retention: refused."""
+    later = Hooks(sleep=no_wait, now=lambda: settings.end + 30 * 24 * HOUR + HOUR)
+    with pytest.raises(UsageError, match="still holds their rows"):
+        await run_export(settings, credentials_for(sandbox), hooks=later)
+
+
 @pytest.mark.parametrize("retained_only", [False, True])
 async def test_provisional_windows_past_retention_keep_their_rows(
     tmp_path: Path, retained_only: bool
 ) -> None:
     output = tmp_path / "o.csv"
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
-        start = busy_start(sandbox, hours=6)
-        end = start + 6 * HOUR
-        just_after = Hooks(sleep=no_wait, now=lambda: end + 5 * MINUTE)
-        settings = run_settings(output, start, end, retained_only=retained_only)
-        first = await run_export(settings, credentials_for(sandbox), hooks=just_after)
+        settings, first = await export_busy_hours(
+            sandbox, output, hours=6, retained_only=retained_only, after=5 * MINUTE
+        )
+        start, end = settings.start, settings.end
         assert first.complete and first.provisional >= 1
         published = output.read_bytes()
 
@@ -543,27 +567,24 @@ async def test_rows_held_by_the_output_survive_a_refresh_stopped_until_too_late(
 ) -> None:
     output = tmp_path / "o.csv"
     async with SandboxServer(SandboxSettings(rows_per_hour=60)) as sandbox:
-        start = busy_start(sandbox, hours=6)
-        end = start + 6 * HOUR
-        settings = run_settings(output, start, end, retained_only=retained_only)
-        just_after = Hooks(sleep=no_wait, now=lambda: end + 5 * MINUTE)
-        assert await run_export(settings, credentials_for(sandbox), hooks=just_after)
+        settings, first = await export_busy_hours(
+            sandbox, output, hours=6, retained_only=retained_only, after=5 * MINUTE
+        )
+        assert first
         published = output.read_bytes()
 
         async def stop(*args: Any) -> None:
             raise Killed
 
         # The refresh of the provisional windows stops before it gets them...
-        an_hour_on = Hooks(sleep=no_wait, now=lambda: end + HOUR)
+        an_hour_on = Hooks(sleep=no_wait, now=lambda: settings.end + HOUR)
         with monkeypatch.context() as patched:
             patched.setattr(ExportJob, "_fetch", stop)
             with pytest.raises((Killed, BaseExceptionGroup)):  # from a worker
                 await run_export(settings, credentials_for(sandbox), hooks=an_hour_on)
 
         # ...and the next run comes once they have left retention.
-        later = Hooks(sleep=no_wait, now=lambda: end + 30 * 24 * HOUR + HOUR)
-        with pytest.raises(UsageError, match="still holds their rows"):
-            await run_export(settings, credentials_for(sandbox), hooks=later)
+        await refused_for_the_rows_it_holds(sandbox, settings)
 
     assert output.read_bytes() == published
 
@@ -589,11 +610,12 @@ async def test_rows_held_by_the_output_survive_a_redo_split_then_stopped(
 ) -> None:
     output = tmp_path / "o.csv"
     async with SandboxServer(SandboxSettings(rows_per_hour=200)) as sandbox:
-        start = busy_start(sandbox, hours=3)
-        end = start + 3 * HOUR
-        settings = run_settings(output, start, end, retained_only=retained_only)
+        settings, first = await export_busy_hours(
+            sandbox, output, hours=3, retained_only=retained_only, after=5 * HOUR
+        )
+        assert first
+        start, end = settings.start, settings.end
         final = Hooks(sleep=no_wait, now=lambda: end + 5 * HOUR)
-        assert await run_export(settings, credentials_for(sandbox), hooks=final)
         published = output.read_bytes()
         fetch = ExportJob._fetch
         fetched: list[WindowRecord] = []
@@ -613,8 +635,6 @@ async def test_rows_held_by_the_output_survive_a_redo_split_then_stopped(
             with pytest.raises((Killed, BaseExceptionGroup)):  # from a worker
                 await run_export(smaller, credentials_for(sandbox), hooks=final)
 
-        later = Hooks(sleep=no_wait, now=lambda: end + 30 * 24 * HOUR + HOUR)
-        with pytest.raises(UsageError, match="still holds their rows"):
-            await run_export(settings, credentials_for(sandbox), hooks=later)
+        await refused_for_the_rows_it_holds(sandbox, settings)
 
     assert output.read_bytes() == published
