@@ -344,6 +344,16 @@ def _run_since_last(
     if not result.complete:
         return _finish(args, result)
 
+    if result.provisional:
+        logger.warning(
+            "%d windows of %s are provisional (SFMC may still add rows to them): "
+            "its end is not recorded, and the next --since-last run refreshes them "
+            "before it goes on",
+            result.provisional,
+            result.output,
+        )
+        return _finish(args, result)
+
     try:
         record_end(plan.state, plan.key, end=result.end, output=result.output)
     except OSError as error:

@@ -171,6 +171,16 @@ def _provisional_expired(record: WindowRecord, kept_since: dt.datetime) -> bool:
     return record.provisional and record.window.start < kept_since
 
 
+def awaits_refresh(manifest: Manifest, now: dt.datetime) -> bool:
+    """Whether the export has provisional windows that SFMC still retains, which the
+    next run of the same command requests again."""
+    kept_since = retention_cutoff(now, slack=False)
+    return any(
+        record.provisional and not _provisional_expired(record, kept_since)
+        for record in manifest.windows
+    )
+
+
 def _refuse_redo_past_retention(
     chosen: list[WindowRecord], cutoff: dt.datetime
 ) -> None:
@@ -461,11 +471,7 @@ def _check_same_request(
     if differing == {"range_as_given"}:
         return  # the same range, written another way
 
-    kept_since = retention_cutoff(now, slack=False)
-    provisional = any(
-        r.provisional and not _provisional_expired(r, kept_since)
-        for r in manifest.windows
-    )
+    provisional = awaits_refresh(manifest, now)
     if differing <= {"start", "end"} and (provisional or not manifest.complete):
         logger.info(
             "going on with the export of %s (%s): the same command, whose "
@@ -477,6 +483,7 @@ def _check_same_request(
 
     shown = ", ".join(sorted(_REQUEST_WORDS.get(key, key) for key in differing))
     if manifest.complete:
+        kept_since = retention_cutoff(now, slack=False)
         gone = manifest.windows[0].window.start < kept_since
         replace = (
             "; keep that file: SFMC no longer has all of its rows"

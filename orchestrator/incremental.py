@@ -21,7 +21,7 @@ from orchestrator.config import ExportRequest, build_settings
 from orchestrator.credentials import Credentials
 from orchestrator.errors import ManifestError, UsageError
 from orchestrator.estimates import history_lag
-from orchestrator.export import request_identity, retention_cutoff
+from orchestrator.export import awaits_refresh, request_identity, retention_cutoff
 from orchestrator.job import ExportResult
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.merger import remove_parts_folder
@@ -281,7 +281,7 @@ def _skip_unrecorded(
         settings = build_settings(
             {**options, "start": begin, "end": iso(end)}, config, now=now
         )
-        finished = _complete_export(ExportPaths(settings.output), settings)
+        finished = _complete_export(ExportPaths(settings.output), settings, now)
         if finished is None:
             return begin
 
@@ -297,8 +297,9 @@ def _skip_unrecorded(
     return begin
 
 
-def _complete_export(paths: ExportPaths, settings: Any) -> str | None:
-    """The end of the complete export of this request and start in ``paths``."""
+def _complete_export(paths: ExportPaths, settings: Any, now: dt.datetime) -> str | None:
+    """The end of the complete export of this request and start in ``paths``; None
+    while it has provisional windows to refresh (the chain waits for them)."""
     if not paths.manifest.exists():
         return None
 
@@ -313,7 +314,8 @@ def _complete_export(paths: ExportPaths, settings: Any) -> str | None:
         for name, value in identity.items()
         if name != "end"
     )
-    return str(manifest.request["end"]) if manifest.complete and same else None
+    settled = manifest.complete and not awaits_refresh(manifest, now)
+    return str(manifest.request["end"]) if settled and same else None
 
 
 def state_file_of(options: Mapping[str, Any], config: Mapping[str, Any]) -> Path:

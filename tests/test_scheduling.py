@@ -921,3 +921,52 @@ def test_a_since_last_run_recording_an_earlier_end_clears_its_parts_folder(
         assert main(command) == ExitCode.OK
 
     assert not left.exists()
+
+
+def test_a_resumed_since_last_run_with_provisional_windows_is_refreshed_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first try stops (time budget); the rerun's freshness call fails, so the
+    # fallback lag (2 h) makes its last windows provisional. The chain must not
+    # move past them: the next run refreshes them, then records the end.
+    process, port = start_sandbox("rows_per_hour=40", "first_byte_seconds=0.6")
+    template = str(tmp_path / "j_{start:%Y%m%dT%H%MZ}.csv")
+    start = (hour_now() - 4 * HOUR).isoformat()
+    command = ["run", "--since-last", "--start", start, "--output", template]
+    command += ["--concurrency", "1", "--no-estimate", "--quiet"]
+    state_file = tmp_path / "journey-export.state.json"
+    report = tmp_path / "r.json"
+
+    async def unavailable(client: JourneyHistoryClient) -> float | None:
+        raise RetryableError("the freshness call failed")
+
+    def run(*extra: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        code = main([*command, *extra, "--report", str(report)])
+        (entry,) = json.loads(state_file.read_text()).values()
+        return code, json.loads(report.read_text()), entry
+
+    try:
+        with monkeypatch.context() as patched:
+            prepare_in_process(patched, env_for(port))
+            first = run("--max-duration", "1s")
+            with monkeypatch.context() as failing:
+                failing.setattr(JourneyHistoryClient, "freshness", unavailable)
+                second = run()
+            third = run()
+    finally:
+        process.terminate()
+        process.wait(10)
+
+    assert first[0] == ExitCode.TIME_BUDGET
+    code, summary, entry = second
+    assert code == ExitCode.OK
+    assert summary["complete"] and summary["provisional"] >= 1
+    assert "end" not in entry  # the chain does not move past unsettled rows
+
+    code, summary, entry = third
+    assert code == ExitCode.OK
+    assert summary["provisional"] == 0
+    (output,) = tmp_path.glob("j_*.csv")  # the same export, refreshed
+    manifest = Manifest.load(ExportPaths(output).manifest)
+    assert entry["end"] == manifest.request["end"]
+    assert not any(record.provisional for record in manifest.windows)
