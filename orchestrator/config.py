@@ -128,6 +128,7 @@ class RunSettings:
     max_duration: dt.timedelta | None = None
     gzip_output: bool = False
     redo: tuple[str, ...] = ()
+    zone: dt.tzinfo = dt.UTC  # --tz: how dates without an offset are read
     flush_bytes: int = FLUSH_BYTES
     retry: RetrySettings = RetrySettings()
     http: HttpSettings = HttpSettings()
@@ -238,6 +239,7 @@ def _build_settings(
         retained_only=bool(merged.get("retained_only", False)),
         max_duration=_duration(max_duration, "max_duration") if max_duration else None,
         redo=tuple(merged.get("redo") or ()),
+        zone=_zone(merged),
         gzip_output=bool(merged.get("gzip")) or str(output).endswith(".gz"),
         history_lag_fallback_seconds=_positive(
             merged, "history_lag_fallback_seconds", 7200.0, sfmc.MAX_LAG_SECONDS
@@ -370,10 +372,14 @@ def _split_list(value: Any, name: str) -> list[str]:
     return [part for part in result if part]
 
 
+def _zone(merged: Mapping[str, Any]) -> dt.tzinfo:
+    return load_zone(str(merged["tz"])) if merged.get("tz") else dt.UTC
+
+
 def _build_range(
     merged: Mapping[str, Any], now: dt.datetime
 ) -> tuple[dt.datetime, dt.datetime]:
-    zone = load_zone(str(merged["tz"])) if merged.get("tz") else dt.UTC
+    zone = _zone(merged)
     last = merged.get("last")
     if last and merged.get("start"):
         raise UsageError("--last and --start both give the start: keep one")

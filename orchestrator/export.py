@@ -127,7 +127,7 @@ def _reopen(assembler: Assembler, settings: RunSettings, now: dt.datetime) -> No
             logger.info("%d provisional windows to request again", reopened)
 
     if settings.redo:
-        chosen = select_windows(manifest, settings.redo)
+        chosen = select_windows(manifest, settings.redo, now=now, zone=settings.zone)
         _refuse_redo_past_retention(chosen, kept_since)
         logger.info("%d windows to request again", assembler.reopen(chosen))
 
@@ -204,10 +204,16 @@ def _and_more(windows: list[Window]) -> str:
     return f" and {len(windows) - 1} more" if len(windows) > 1 else ""
 
 
-def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowRecord]:
-    """The windows ``--redo`` names: ``failed``, or ranges ``START/END`` (overlap)."""
+def select_windows(
+    manifest: Manifest,
+    choices: tuple[str, ...],
+    *,
+    now: dt.datetime,
+    zone: dt.tzinfo = dt.UTC,
+) -> list[WindowRecord]:
+    """The windows ``--redo`` names: ``failed``, or ranges ``START/END`` (overlap),
+    read as the run's own range is (relative to ``now``, dates in ``zone``)."""
     chosen: list[WindowRecord] = []
-    now = dt.datetime.now(dt.UTC)
     for choice in (given.strip() for given in choices):
         if choice == "failed":
             chosen += [r for r in manifest.windows if r.state == FAILED]
@@ -220,8 +226,8 @@ def select_windows(manifest: Manifest, choices: tuple[str, ...]) -> list[WindowR
                 "2026-11-03T05:00Z/2026-11-03T08:00Z"
             )
 
-        start = parse_time(start_text, now=now, name="--redo start")
-        end = parse_time(end_text, now=now, name="--redo end")
+        start = parse_time(start_text, now=now, name="--redo start", zone=zone)
+        end = parse_time(end_text, now=now, name="--redo end", zone=zone)
         if end <= start:
             raise UsageError(
                 f"--redo {choice!r}: its end is not after its start; write START/END"

@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -581,15 +582,23 @@ def test_a_manifest_nested_too_deeply_is_damaged_with_a_way_out(
 
 
 def test_redo_choices_are_read_as_written_or_refused_by_name(tmp_path: Path) -> None:
-    manifest, _ = new_manifest(tmp_path)
+    manifest, _ = new_manifest(tmp_path, hours=26)
     manifest.windows[1].state = FAILED
 
-    assert select_windows(manifest, (" failed ",)) == [manifest.windows[1]]
-    second = "2026-11-03T01:00Z/2026-11-03T02:00Z"
-    assert select_windows(manifest, (second,)) == [manifest.windows[1]]
+    now = START + dt.timedelta(hours=3)
+
+    def select(*choices: str, zone: dt.tzinfo = dt.UTC) -> list[WindowRecord]:
+        return select_windows(manifest, choices, now=now, zone=zone)
+
+    assert select(" failed ") == [manifest.windows[1]]
+    assert select("2026-11-03T01:00Z/2026-11-03T02:00Z") == [manifest.windows[1]]
+    assert select("-1h/now") == [manifest.windows[2]]  # the run's clock, not the wall's
+    assert select("2026-11-04/2026-11-05") == manifest.windows[24:]
+    paris = ZoneInfo("Europe/Paris")  # UTC+1 in November, as --tz Europe/Paris
+    assert select("2026-11-04/2026-11-05", zone=paris) == manifest.windows[23:]
 
     with pytest.raises(UsageError, match="its end is not after its start"):
-        select_windows(manifest, ("2026-11-03T02:00Z/2026-11-03T01:00Z",))
+        select("2026-11-03T02:00Z/2026-11-03T01:00Z")
 
 
 def test_a_manifest_that_is_not_a_regular_file_is_refused_without_reading_it(
