@@ -504,9 +504,16 @@ def _stop_at_once(signum: int) -> None:
 def summary_line(result: ExportResult) -> str:
     """The one line that ends every run."""
     size = f"{result.bytes / 1e6:,.1f} MB"
+    of_range = ""
+    if result.earlier_range:
+        start, end = (
+            iso(dt.datetime.fromisoformat(t)) for t in (result.start, result.end)
+        )
+        of_range = f" of {start} to {end} (the range this export began with)"
+
     done = (
-        f"{result.exported}/{result.windows} windows, {result.rows:,} rows, {size} "
-        f"in {result.seconds:.1f} s, {result.retries} retries, "
+        f"{result.exported}/{result.windows} windows{of_range}, {result.rows:,} "
+        f"rows, {size} in {result.seconds:.1f} s, {result.retries} retries, "
         f"{result.throttled} throttled"
     )
     if result.complete and not result.windows:

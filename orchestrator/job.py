@@ -81,6 +81,8 @@ class ExportResult:
     out_of_time: bool = False
     refused: int = 0  # failed windows the server refused as asked (not retryable)
     unended: int = 0  # bodies without a final newline this run (see the log)
+    # The export went on with the range it began with, not the one asked for now.
+    earlier_range: bool = False
 
 
 def _utc_now() -> dt.datetime:
@@ -504,6 +506,13 @@ class ExportJob:
         await anyio.to_thread.run_sync(self.assembler.sync, batch)
         self.assembler.settle(batch)
 
+    def _range_asked(self) -> tuple[str, str]:
+        return self.settings.start.isoformat(), self.settings.end.isoformat()
+
+    def _range_exported(self) -> tuple[str, str]:
+        request = self.manifest.request
+        return str(request["start"]), str(request["end"])
+
     def result(self, seconds: float) -> ExportResult:
         rows, size = self.manifest.totals()
         finished = [r for r in self.manifest.windows if r.state in (DONE, MERGED)]
@@ -512,6 +521,7 @@ class ExportJob:
             output=str(self.settings.output),
             start=str(self.manifest.request["start"]),
             end=str(self.manifest.request["end"]),
+            earlier_range=self._range_asked() != self._range_exported(),
             windows=len(self.manifest.windows),
             exported=len(finished),
             rows=rows,

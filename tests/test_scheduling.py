@@ -970,3 +970,33 @@ def test_a_resumed_since_last_run_with_provisional_windows_is_refreshed_first(
     manifest = Manifest.load(ExportPaths(output).manifest)
     assert entry["end"] == manifest.request["end"]
     assert not any(record.provisional for record in manifest.windows)
+
+
+def test_a_relative_range_resumed_later_is_named_in_the_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "-3h" two minutes later is another range; the rerun goes on with the first
+    # one, and its summary says which, since the range asked for is not the one
+    # exported (the log line saying so is hidden under a progress display).
+    process, port = start_sandbox("rows_per_hour=40", "first_byte_seconds=0.6")
+    output = tmp_path / "o.csv"
+    command = ["run", "--start", "-3h", "--end", "-1h", "--output", str(output)]
+    command += ["--concurrency", "1", "--no-estimate", "--quiet"]
+    started = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+    try:
+        with monkeypatch.context() as patched:
+            prepare_in_process(patched, env_for(port))
+            patched.setattr(commands, "_now", lambda: started)
+            assert main([*command, "--max-duration", "1s"]) == ExitCode.TIME_BUDGET
+            first = capsys.readouterr().out
+            later = started + 2 * MINUTE
+            patched.setattr(commands, "_now", lambda: later)
+            assert main(command) == ExitCode.OK
+            second = capsys.readouterr().out
+    finally:
+        process.terminate()
+        process.wait(10)
+
+    assert "the range this export began with" not in first
+    began = f"{iso(started - 3 * HOUR)} to {iso(started - HOUR)}"
+    assert f"of {began} (the range this export began with)" in second
