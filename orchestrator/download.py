@@ -27,6 +27,7 @@ from orchestrator import sfmc
 from orchestrator.auth import TokenSource, untrusted
 from orchestrator.config import ExportRequest
 from orchestrator.errors import (
+    CutShortError,
     PermanentError,
     RetryableError,
     ThrottledError,
@@ -241,10 +242,11 @@ class JourneyHistoryClient:
                 self._cut_streams[window] = received
                 raise
 
-            raise TooLargeError(
+            raise CutShortError(
                 f"the server cut the {decoder.encoding} stream at the same "
-                f"{received:,} bytes twice, as at a size limit below --safety-cap-mb "
-                f"({self._cap_bytes:,} bytes): lower it to the server's limit"
+                f"{received:,} bytes twice, as a size limit below --safety-cap-mb "
+                f"({self._cap_bytes:,} bytes) would (if it is one, lower the cap to "
+                "it)"
             ) from None
 
     def _redact(self, text: str) -> str:

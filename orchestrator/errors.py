@@ -12,6 +12,7 @@
         │   └── ThrottledError
         └── PermanentError  asking again cannot help: other 4xx, a body that lies
             └── TooLargeError
+                └── CutShortError  framing whole, rows cut: a limit, or a fault
 
 Errors of aiohttp and zlib are translated into this tree in one place, ``download``.
 """
@@ -122,3 +123,9 @@ class PermanentError(WindowError):
 class TooLargeError(PermanentError):
     """The window's body reached our safety cap, or was cut by the server at its own:
     the window must be split to be exported."""
+
+
+class CutShortError(TooLargeError):
+    """The body's framing was whole but its rows were cut, as a server's size limit
+    cuts them: split the window. Unlike the cap, this is inferred, so a window that
+    cannot be split further may still come whole when asked again."""

@@ -20,6 +20,7 @@ from orchestrator.config import RunSettings
 from orchestrator.credentials import Credentials
 from orchestrator.download import Estimate, JourneyHistoryClient
 from orchestrator.errors import (
+    CutShortError,
     PermanentError,
     RetryableError,
     StateWriteError,
@@ -83,6 +84,18 @@ class ExportResult:
     unended: int = 0  # bodies without a final newline this run (see the log)
     # The export went on with the range it began with, not the one asked for now.
     earlier_range: bool = False
+
+
+def _unsplittable(error: TooLargeError) -> WindowError:
+    """The failure of a window too large that cannot be split further: refused, as
+    only a smaller --min-window gets it, unless the cut was only inferred."""
+    if isinstance(error, CutShortError):
+        return RetryableError(
+            f"{error}, and the window cannot be split further; rerun: a fault cuts a "
+            "body once, a size limit every time (then lower --min-window)"
+        )
+
+    return PermanentError(f"{error}, and the window cannot be split further")
 
 
 def _utc_now() -> dt.datetime:
@@ -376,9 +389,13 @@ class ExportJob:
         self, record: WindowRecord, error: TooLargeError
     ) -> list[WindowRecord]:
         if not self._can_split(record):
-            failure = PermanentError(f"{error}, and the window cannot be split further")
+            failure = _unsplittable(error)
             record.state, record.error = FAILED, str(failure)
-            self.refused.add(record.window.key)  # only another setting gets it
+            if isinstance(failure, PermanentError):
+                self.refused.add(record.window.key)  # only another setting gets it
+            else:
+                self.refused.discard(record.window.key)
+
             self.progress.failed += 1
             self.manifest.save()
             logger.error("window %s failed: %s", record.window, failure)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import PermanentError, TooLargeError
+from orchestrator.errors import CutShortError, PermanentError
 
 BOM = b"\xef\xbb\xbf"
 MAX_HEADER_BYTES = 64 * 1024
@@ -207,7 +207,7 @@ class PartWriter:
 
         self._head = None
         if self._counter.in_quotes:
-            raise TooLargeError(
+            raise CutShortError(
                 "the body ends inside a quoted field: the server cut it short, as "
                 "at a size limit"
             )
@@ -215,7 +215,8 @@ class PartWriter:
         unended = bool(self._size) and self._last != b"\n"
         if unended:
             self._check_last_row()
-            self.write((self._newline or "\n").encode())
+            ending = (self._newline or "\n").encode()
+            self.write(b"\n" if self._last == b"\r" else ending)  # cut inside CRLF
 
         self._file.flush()
         written = FileIdentity.of(os.fstat(self._file.fileno()))
@@ -245,7 +246,7 @@ class PartWriter:
         text = row.decode("utf-8", errors="replace").rstrip("\r")
         fields = next(csv.reader([text], delimiter=self._delimiter), [])
         if len(fields) < len(self._columns):
-            raise TooLargeError(
+            raise CutShortError(
                 f"the body ends inside its last row ({len(fields)} of "
                 f"{len(self._columns)} fields): the server cut it short, as at a "
                 "size limit"

@@ -54,6 +54,14 @@ def test_missing_final_newline_is_added_in_the_body_style(tmp_path: Path) -> Non
     assert rows == 1
 
 
+def test_a_body_cut_between_cr_and_lf_gets_only_its_lf(tmp_path: Path) -> None:
+    head = b"TransactionTime,ContactKey,Message\r\n"
+    data, rows = write(tmp_path / "p", [head + b"a,b,c\r\nd,e,f\r"])
+
+    assert data == b"a,b,c\r\nd,e,f\r\n"
+    assert rows == 2
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -23,6 +23,7 @@ from tests.conftest import (
     HOUR,
     credentials_for,
     expected_output,
+    expected_row_count,
     find_range_with_empty_hour,
     hour_now,
     run_settings,
@@ -143,6 +144,38 @@ async def test_a_window_that_cannot_be_split_further_fails_saying_so(
     assert result.failed
     assert all("cannot be split further" in e for e in result.failed.values())
     assert exit_code_of(result) == ExitCode.USAGE  # only a smaller --min-window helps
+
+
+async def test_a_smallest_window_cut_twice_alike_fails_for_a_rerun_not_refused(
+    tmp_path: Path,
+) -> None:
+    # Two cuts at the same size look like a size limit, but at the smallest window
+    # they may be faults: the window fails (exit 1) and a plain rerun gets it.
+    faults = parse_faults(["cut_gzip@1", "cut_gzip@2"])
+    settings = SandboxSettings(rows_per_hour=200, faults=faults)
+    minute = MINUTE
+    async with SandboxServer(settings) as sandbox:
+        hour = busy_start(sandbox, hours=1)
+        start = next(
+            hour + i * minute
+            for i in range(60)
+            if expected_row_count(
+                sandbox.history, hour + i * minute, hour + (i + 1) * minute
+            )
+        )
+        output = tmp_path / "o.csv"
+        options = {"window": minute, "min_window": minute, "estimate": False}
+        failed = await export(sandbox, output, start, start + minute, **options)
+        done = await export(sandbox, output, start, start + minute, **options)
+
+    (error,) = failed.failed.values()
+    assert error.endswith("(then lower --min-window)")
+    assert exit_code_of(failed) == ExitCode.WINDOWS_FAILED
+    assert "rerun the same command" in summary_line(failed)
+    assert done.complete
+    assert output.read_bytes() == expected_output(
+        sandbox.history, start, start + minute
+    )
 
 
 @pytest.mark.parametrize("shape", ["b", "garbage"])
