@@ -56,6 +56,8 @@ from orchestrator.session import open_session
 
 logger = logging.getLogger(__name__)
 ESTIMATE_ATTEMPTS = 3  # estimates only help: a few tries, then go on without them
+# Estimates of smaller windows are too rough to find a body cut short by.
+MIN_ESTIMATE_CHECKED = 1_000_000
 
 MANIFEST_SAVE_SECONDS = 1.0  # at most this late, a checkpoint left unsaved is saved
 
@@ -84,6 +86,23 @@ class ExportResult:
     unended: int = 0  # bodies without a final newline this run (see the log)
     # The export went on with the range it began with, not the one asked for now.
     earlier_range: bool = False
+
+
+def _warn_if_short_of_estimate(record: WindowRecord) -> None:
+    """Warn of a body under half its estimate: a server limit below the safety cap
+    that cuts a body at a row's end leaves nothing else to see."""
+    estimate = record.estimated_bytes or 0  # compressed if compression is asked for
+    if estimate < MIN_ESTIMATE_CHECKED or record.bytes * 2 >= estimate:
+        return
+
+    logger.warning(
+        "window %s: %d bytes, under half its estimate of %d: a server that cuts "
+        "bodies below --safety-cap-mb at a row's end leaves such a body; if yours "
+        "does, lower --safety-cap-mb to its limit and --redo the window",
+        record.window,
+        record.bytes,
+        estimate,
+    )
 
 
 def _unsplittable(error: TooLargeError) -> WindowError:
@@ -329,6 +348,7 @@ class ExportJob:
         if info.unended:
             self.unended += 1
 
+        _warn_if_short_of_estimate(record)
         self.manifest.checkpoint()
         self._progressed(record)
         logger.info(

@@ -178,6 +178,36 @@ async def test_a_smallest_window_cut_twice_alike_fails_for_a_rerun_not_refused(
     )
 
 
+@pytest.mark.parametrize("cut", [True, False])
+async def test_a_body_cut_at_a_rows_end_far_short_of_its_estimate_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cut: bool
+) -> None:
+    # A server limit under --safety-cap-mb that cuts an uncompressed body right
+    # after a row leaves a body that looks whole; only the estimate tells.
+    history = History(7, 12_000)
+    start = next(  # an hour of over 1.5 MB: its estimate is checked
+        begin
+        for begin in (hour_now() - back * HOUR for back in range(5, 29))
+        if len(history.expected(to_millis(begin), to_millis(begin + HOUR))) > 10_000
+    )
+    body = expected_output(history, start, start + HOUR)
+    row_end = next(
+        at
+        for at in range(len(body) // 3, len(body))
+        if body[at] == ord("\n") and body[: at + 1].count(b'"') % 2 == 0
+    )
+    limit = row_end + 1 if cut else None
+    settings = SandboxSettings(rows_per_hour=12_000, cap_bytes=limit)
+    async with SandboxServer(settings) as sandbox:
+        output = tmp_path / "o.csv"
+        result = await export(sandbox, output, start, start + HOUR, compression="none")
+
+    assert result.complete
+    assert (output.stat().st_size == row_end + 1) == cut
+    warned = "under half its estimate" in caplog.text
+    assert warned == cut
+
+
 @pytest.mark.parametrize("shape", ["b", "garbage"])
 async def test_estimates_of_another_shape_or_unreadable_do_not_stop_the_run(
     tmp_path: Path, shape: str, caplog: pytest.LogCaptureFixture
