@@ -147,7 +147,7 @@ def _in_parts(where: Path, output: Path | None) -> bool:
 
 
 def _check_writable(flag: str, path: Path) -> None:
-    longest = NAME_MAX - len("..tmp")  # written first as ".NAME.tmp"
+    longest = NAME_MAX - len("..lock")  # room for a state file's ".NAME.lock"
     if len(os.fsencode(path.name)) > longest:
         raise WrittenPathError(
             f"{flag} name is longer than {longest} bytes: shorten it"

@@ -4,12 +4,14 @@ of the same request ended, recorded in a small state file."""
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from orchestrator.export import awaits_refresh, request_identity, retention_cuto
 from orchestrator.job import ExportResult
 from orchestrator.manifest import ExportPaths, Manifest
 from orchestrator.merger import remove_parts_folder
+from orchestrator.parts import PRIVATE, PRIVATE_DIR, make_folders
 from orchestrator.reporting import write_atomically
 from orchestrator.timeparse import iso, parse_time
 
@@ -100,15 +103,32 @@ def _aware_utc(value: Any) -> dt.datetime | None:
         return None
 
 
+@contextmanager
+def _updating(path: Path) -> Iterator[dict[str, Any]]:
+    """The state, to change in place; written back on leaving. A lock file beside it
+    is held meanwhile, so that runs of other requests sharing the file (each with
+    its own key) never write over each other's records."""
+    make_folders(path.parent, mode=PRIVATE_DIR)
+    lock = path.with_name(f".{path.name}.lock")
+    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, PRIVATE)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        state = read_state(path)
+        yield state
+        _write_state(path, state)
+    finally:
+        os.close(descriptor)  # and with it the lock
+
+
 def record_end(path: Path, key: str, *, end: str, output: str) -> None:
     """Record that the export of ``key`` is complete up to ``end``."""
-    state = read_state(path)
-    state[key] = {
-        "end": end,
-        "output": output,
-        "recorded": iso(dt.datetime.now(dt.UTC)),
-    }
-    _write_state(path, state)
+    with _updating(path) as state:
+        state[key] = {
+            "end": end,
+            "output": output,
+            "recorded": iso(dt.datetime.now(dt.UTC)),
+        }
+
     shown = iso(dt.datetime.fromisoformat(end))
     logger.info("recorded %s as the start of the next --since-last run", shown)
 
@@ -116,14 +136,13 @@ def record_end(path: Path, key: str, *, end: str, output: str) -> None:
 def record_first_start(path: Path, key: str, *, start: str, given: Any) -> None:
     """Record where the first export of ``key`` begins (``given`` is the --start
     that put it there), until it completes."""
-    state = read_state(path)
-    state[key] = {
-        "first_start": start,
-        "given_start": str(given),
-        "recorded": iso(dt.datetime.now(dt.UTC)),
-    }
     try:
-        _write_state(path, state)
+        with _updating(path) as state:
+            state[key] = {
+                "first_start": start,
+                "given_start": str(given),
+                "recorded": iso(dt.datetime.now(dt.UTC)),
+            }
     except OSError as error:
         raise UsageError(
             f"cannot write the state file {path} ({error.strerror or error}): make "
@@ -154,13 +173,11 @@ def _first_run_start(
 
 def restore_entry(path: Path, key: str, entry: Any) -> None:
     """Put back what the state held for ``key`` before this run (None: nothing)."""
-    state = read_state(path)
-    if entry is None:
-        state.pop(key, None)
-    else:
-        state[key] = entry
-
-    _write_state(path, state)
+    with _updating(path) as state:
+        if entry is None:
+            state.pop(key, None)
+        else:
+            state[key] = entry
 
 
 def _write_state(path: Path, state: Mapping[str, Any]) -> None:

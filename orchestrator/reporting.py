@@ -8,13 +8,14 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from orchestrator.parts import PRIVATE_DIR, make_folders, open_private
+from orchestrator.parts import PRIVATE_DIR, make_folders
 from orchestrator.pool import PoolStats
 
 # Attributes every LogRecord has; anything else was passed with ``extra=``.
@@ -112,14 +113,21 @@ def write_atomically(path: Path, text: str, *, mode: int = 0o600) -> None:
     never leaving half a file. Missing folders are made 0700, or 0755 for a file
     others may read; never writable by others, whatever the umask."""
     make_folders(path.parent, mode=0o755 if mode & 0o044 else PRIVATE_DIR)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open_private(temporary) as stream:
-        stream.write(text.encode())
-        os.fchmod(stream.fileno(), mode)
-        stream.flush()
-        os.fsync(stream.fileno())
+    # A new name each time: runs writing the same file at once (--since-last chains
+    # sharing a state file) must not rename each other's half-written text.
+    descriptor, name = tempfile.mkstemp(prefix=".journey-export.", dir=path.parent)
+    temporary = Path(name)
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(text.encode())
+            os.fchmod(stream.fileno(), mode)
+            stream.flush()
+            os.fsync(stream.fileno())
 
-    os.replace(temporary, path)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def write_report(path: Path, report: Mapping[str, Any]) -> None:

@@ -638,7 +638,7 @@ def test_the_longest_names_allowed_really_work(
     tmp_path: Path, sandbox_port: int
 ) -> None:
     output = tmp_path / ("o" * (255 - len(".manifest.json.tmp") - 4) + ".csv")
-    report = tmp_path / ("r" * (255 - len("..tmp")))
+    report = tmp_path / ("r" * (255 - len("..lock")))
     end = hour_now() - 2 * HOUR
     args = [*range_args(2, output, end), "--keep-parts", "--report", str(report)]
 
@@ -650,7 +650,7 @@ def test_the_longest_names_allowed_really_work(
         "run", *args[:-1], str(report) + "r", env=env_for(sandbox_port)
     )
     assert longer.returncode == 2
-    assert "--report name is longer than 250 bytes" in longer.stderr
+    assert "--report name is longer than 249 bytes" in longer.stderr
 
 
 def test_a_redo_span_may_start_with_a_relative_time(tmp_path: Path) -> None:

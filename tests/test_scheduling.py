@@ -11,13 +11,14 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from orchestrator import commands
+from orchestrator import commands, incremental
 from orchestrator.cli import main
 from orchestrator.commands import (
     Interrupted,
@@ -1000,3 +1001,35 @@ def test_a_relative_range_resumed_later_is_named_in_the_summary(
     assert "the range this export began with" not in first
     began = f"{iso(started - 3 * HOUR)} to {iso(started - HOUR)}"
     assert f"of {began} (the range this export began with)" in second
+
+
+def test_since_last_runs_of_other_requests_share_a_state_file_safely(
+    tmp_path: Path,
+) -> None:
+    # Two chains recording ends at once into one state file: neither may fail on
+    # the other's temporary file, nor lose the other's record.
+    state = tmp_path / "exports" / "journey-export.state.json"
+    errors: list[BaseException] = []
+
+    def chain(key: str) -> None:
+        try:
+            for night in range(40):
+                end = iso(NOW + night * HOUR)
+                incremental.record_end(state, key, end=end, output=f"{key}.csv")
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=chain, args=(key,)) for key in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    recorded = json.loads(state.read_text())
+    assert sorted(recorded) == ["a", "b"]
+    assert {entry["end"] for entry in recorded.values()} == {iso(NOW + 39 * HOUR)}
+    assert sorted(path.name for path in state.parent.iterdir()) == [
+        ".journey-export.state.json.lock",
+        "journey-export.state.json",
+    ]
