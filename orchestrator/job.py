@@ -4,6 +4,7 @@ window ends."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import ssl
@@ -11,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -21,11 +23,13 @@ from orchestrator.credentials import Credentials
 from orchestrator.download import Estimate, JourneyHistoryClient
 from orchestrator.errors import (
     CutShortError,
+    JourneyExportError,
     PermanentError,
     RetryableError,
     StateWriteError,
     ThrottledError,
     TooLargeError,
+    UsageError,
     WindowError,
 )
 from orchestrator.manifest import (
@@ -102,6 +106,21 @@ def _warn_if_short_of_estimate(record: WindowRecord) -> None:
         record.window,
         record.bytes,
         estimate,
+    )
+
+
+def _part_write_error(part: Path, error: OSError) -> JourneyExportError:
+    """Why no window can be written: the process's open-files limit, which a rerun
+    meets again (exit 2), or the disk (exit 1: a rerun goes on once it has room)."""
+    if error.errno == errno.EMFILE:
+        return UsageError(
+            f"cannot open the part {part}: this process may open no more files "
+            "(its limit, ulimit -n); raise the limit or lower --concurrency, then rerun"
+        )
+
+    return StateWriteError(
+        f"cannot write the part {part}: {error.strerror or error}; rerun once it "
+        "can be written (free space, say)"
     )
 
 
@@ -324,13 +343,8 @@ class ExportJob:
         try:
             return await self.client.download(record.window, temporary)
         except OSError as error:
-            # The disk, not the server: no window can be written, and nothing about
-            # the request is wrong. The run stops (exit 1) and a rerun goes on.
             temporary.unlink(missing_ok=True)
-            raise StateWriteError(
-                f"cannot write the part {temporary}: {error.strerror or error}; "
-                "rerun once it can be written (free space, say)"
-            ) from None
+            raise _part_write_error(temporary, error) from None
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise

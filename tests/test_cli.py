@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -819,3 +820,32 @@ def test_a_usage_error_of_a_subcommand_starts_as_every_error_does() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("journey-export: error: argument kind: invalid")
     assert "(see journey-export values --help)" in done.stderr
+
+
+def test_too_few_open_files_is_named_with_its_fix_and_the_rerun_completes(
+    tmp_path: Path, sandbox_port: int
+) -> None:
+    output = tmp_path / "o.csv"
+    args = [*PYTHON, "run", *range_args(24, output), "--concurrency", "16"]
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
+
+    refused = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        env=env_for(sandbox_port),
+        timeout=120,
+        check=False,
+        preexec_fn=few_files,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "may open no more files" in refused.stderr
+    assert "raise the limit or lower --concurrency" in refused.stderr
+
+    done = journey_export(*args[len(PYTHON) :], env=env_for(sandbox_port))
+    assert done.returncode == 0, done.stderr
+    assert output.read_bytes() == expected_output(
+        History(7, 50), hour_now() - 26 * HOUR, hour_now() - 2 * HOUR
+    )
