@@ -321,6 +321,8 @@ def run_cron_line(
         (4, True, False),
         (1, True, True),
         (130, True, True),
+        (137, True, True),  # killed (SIGKILL, the OOM killer): state kept
+        (143, True, True),  # SIGTERM before journey-export could catch it
         (2, False, True),
         (3, False, True),
     ],
