@@ -32,6 +32,7 @@ from orchestrator.export import (
 )
 from orchestrator.incremental import (
     STATE_NAME,
+    SinceLast,
     nothing_new,
     plan_since_last,
     record_end,
@@ -341,8 +342,14 @@ def _run_since_last(
             restore_entry(plan.state, plan.key, plan.replaced)
         raise
 
+    return _finish(args, result, problem=_record_the_end(plan, result))
+
+
+def _record_the_end(plan: SinceLast, result: ExportResult) -> str | None:
+    """Record where a complete export ended, the next run's start; say what stands
+    in the way when it cannot be recorded, or None."""
     if not result.complete:
-        return _finish(args, result)
+        return None
 
     if result.provisional:
         logger.warning(
@@ -352,20 +359,18 @@ def _run_since_last(
             result.provisional,
             result.output,
         )
-        return _finish(args, result)
+        return None
 
     try:
         record_end(plan.state, plan.key, end=result.end, output=result.output)
     except OSError as error:
-        return _finish(
-            args,
-            result,
-            problem=f"the export is complete, but its end could not be recorded in "
+        return (
+            f"the export is complete, but its end could not be recorded in "
             f"{plan.state} ({error.strerror or error}): fix that, then rerun the same "
-            "command, which finds the export and records it",
+            "command, which finds the export and records it"
         )
 
-    return _finish(args, result)
+    return None
 
 
 def exit_code_of(result: ExportResult) -> ExitCode:
@@ -503,38 +508,13 @@ def _stop_at_once(signum: int) -> None:
 
 def summary_line(result: ExportResult) -> str:
     """The one line that ends every run."""
-    size = f"{result.bytes / 1e6:,.1f} MB"
-    of_range = ""
-    if result.earlier_range:
-        start, end = (
-            iso(dt.datetime.fromisoformat(t)) for t in (result.start, result.end)
-        )
-        of_range = f" of {start} to {end} (the range this export began with)"
-
-    done = (
-        f"{result.exported}/{result.windows} windows{of_range}, {result.rows:,} "
-        f"rows, {size} in {result.seconds:.1f} s, {result.retries} retries, "
-        f"{result.throttled} throttled"
-    )
     if result.complete and not result.windows:
         ended = iso(dt.datetime.fromisoformat(result.end))
         return f"nothing new since the last export, which ended {ended}"
 
+    done = _counts(result)
     if result.complete:
-        notes = ""
-        if result.provisional:
-            notes += f"; {result.provisional} provisional (rerun later to refresh)"
-
-        if result.expired:
-            notes += f"; {result.expired} past retention skipped"
-
-        if result.unended:
-            notes += (
-                f"; {result.unended} without a final newline (a cut body looks so: "
-                "see the warnings)"
-            )
-
-        return f"export complete: {done} -> {result.output}{notes}"
+        return f"export complete: {done} -> {result.output}{_notes(result)}"
 
     if result.out_of_time and not result.failed:
         return f"export paused (time budget spent): {done}; rerun to go on"
@@ -560,6 +540,41 @@ def summary_line(result: ExportResult) -> str:
         f"export incomplete: {done}; {len(result.failed)} failed ({failed}); "
         "rerun the same command to request them again"
     )
+
+
+def _counts(result: ExportResult) -> str:
+    """Windows (and their range, if not the one asked for), rows, size, time."""
+    of_range = ""
+    if result.earlier_range:
+        start, end = (
+            iso(dt.datetime.fromisoformat(t)) for t in (result.start, result.end)
+        )
+        of_range = f" of {start} to {end} (the range this export began with)"
+
+    return (
+        f"{result.exported}/{result.windows} windows{of_range}, {result.rows:,} "
+        f"rows, {result.bytes / 1e6:,.1f} MB in {result.seconds:.1f} s, "
+        f"{result.retries} retries, {result.throttled} throttled"
+    )
+
+
+def _notes(result: ExportResult) -> str:
+    """What a complete export's summary adds: windows provisional, skipped or
+    without a final newline."""
+    notes = ""
+    if result.provisional:
+        notes += f"; {result.provisional} provisional (rerun later to refresh)"
+
+    if result.expired:
+        notes += f"; {result.expired} past retention skipped"
+
+    if result.unended:
+        notes += (
+            f"; {result.unended} without a final newline (a cut body looks so: "
+            "see the warnings)"
+        )
+
+    return notes
 
 
 def command_plan(args: argparse.Namespace) -> int:
