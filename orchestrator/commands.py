@@ -354,8 +354,8 @@ def _record_the_end(plan: SinceLast, result: ExportResult) -> str | None:
     if result.provisional:
         logger.warning(
             "%d windows of %s are provisional (SFMC may still add rows to them): "
-            "its end is not recorded, and the next --since-last run refreshes them "
-            "before it goes on",
+            "its end is not recorded; the next --since-last run refreshes them and "
+            "records it, and the run after that goes on from there",
             result.provisional,
             result.output,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import resource
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ async def run_export(
     hooks = hooks or Hooks()
     started = time.monotonic()
     _warn_without_time_column(settings)
+    allow_open_files(settings.concurrency)
     paths = ExportPaths(settings.output)
 
     check_state_files(paths)
@@ -63,6 +65,31 @@ async def run_export(
                 raise
 
         return job.result(time.monotonic() - started)
+
+
+# Files a run holds open besides a socket and a part per download: the output, its
+# manifest and lock, the log, the event loop's own, with room to spare.
+OWN_OPEN_FILES = 32
+
+
+def allow_open_files(concurrency: int) -> None:
+    """Raise the process's soft limit on open files to what ``concurrency``
+    downloads need; refuse, before anything is requested, when the hard limit is
+    lower (every rerun would fail the same way)."""
+    needed = 2 * concurrency + OWN_OPEN_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise UsageError(
+            f"this process may open at most {hard} files (ulimit -n), and "
+            f"--concurrency {concurrency} needs about {needed}: raise the limit or "
+            "lower --concurrency"
+        )
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    logger.info("raised the open-files limit from %d to %d", soft, needed)
 
 
 def _warn_without_time_column(settings: RunSettings) -> None:

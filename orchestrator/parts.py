@@ -201,9 +201,9 @@ class PartWriter:
         """Store what is kept and close the part; raise if the body ended where it
         cannot end."""
         self.store()
-        if self._head:
+        if self._head:  # a header with no newline: one cut after its CR says CRLF
             self._check_header(bytes(self._head).rstrip(b"\r\n"))
-            self._newline = "\r\n" if self._head.endswith(b"\r\n") else "\n"
+            self._newline = "\r\n" if self._head.endswith(b"\r") else "\n"
 
         self._head = None
         if self._counter.in_quotes:

@@ -325,6 +325,7 @@ def run_cron_line(
         (143, True, True),  # SIGTERM before journey-export could catch it
         (2, False, True),
         (3, False, True),
+        (127, False, True),  # journey-export not found: the install needs fixing
     ],
 )
 def test_cron_lines_treat_exit_codes(

@@ -54,6 +54,12 @@ def test_missing_final_newline_is_added_in_the_body_style(tmp_path: Path) -> Non
     assert rows == 1
 
 
+def test_a_header_cut_between_cr_and_lf_still_says_crlf(tmp_path: Path) -> None:
+    info = write_info(tmp_path / "p", b"TransactionTime,ContactKey,Message\r")
+
+    assert (info.rows, info.bytes, info.newline) == (0, 0, "\r\n")
+
+
 def test_a_body_cut_between_cr_and_lf_gets_only_its_lf(tmp_path: Path) -> None:
     head = b"TransactionTime,ContactKey,Message\r\n"
     data, rows = write(tmp_path / "p", [head + b"a,b,c\r\nd,e,f\r"])
