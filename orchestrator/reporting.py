@@ -115,7 +115,9 @@ def write_atomically(path: Path, text: str, *, mode: int = 0o600) -> None:
     make_folders(path.parent, mode=0o755 if mode & 0o044 else PRIVATE_DIR)
     # A new name each time: runs writing the same file at once (--since-last chains
     # sharing a state file) must not rename each other's half-written text.
-    descriptor, name = tempfile.mkstemp(prefix=".journey-export.", dir=path.parent)
+    descriptor, name = tempfile.mkstemp(
+        prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent
+    )
     temporary = Path(name)
     try:
         with os.fdopen(descriptor, "wb") as stream:
