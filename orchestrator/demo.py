@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 
-from orchestrator.config import ExportRequest, RunSettings
+from orchestrator.config import ExportRequest, RunSettings, render_output
 from orchestrator.credentials import Credentials
 from orchestrator.errors import ExitCode, UsageError
 from orchestrator.export import ExportResult, run_export
@@ -147,7 +147,7 @@ def command_demo(args: argparse.Namespace) -> int:
     if not 1 <= args.hours <= 24 * 29:
         raise UsageError(f"--hours {args.hours} is out of range: use 1 to 696")
 
-    _check_demo_output(args.output)
+    args.output = _check_demo_output(args.output)
     if args.log_level is None:  # one line per window is noise for a first look
         logging.getLogger().setLevel(logging.WARNING)
 
@@ -156,13 +156,18 @@ def command_demo(args: argparse.Namespace) -> int:
     return int(ExitCode.OK if result.complete else ExitCode.WINDOWS_FAILED)
 
 
-def _check_demo_output(output: Path) -> None:
-    """Refuse to replace a file that no earlier demo or export wrote."""
+def _check_demo_output(given: Path) -> Path:
+    """The output, checked as ``run`` checks its own (no name of an export's state,
+    say); refuse to replace a file that no earlier demo or export wrote."""
+    now = dt.datetime.now(dt.UTC)
+    output = render_output(str(given), now, now)
     if output.exists() and not ExportPaths(output).manifest.exists():
         raise UsageError(
             f"{output} exists and was not written by journey-export; give the demo "
             "another --output"
         )
+
+    return output
 
 
 async def _demo(output: Path, hours: int) -> ExportResult:

@@ -482,6 +482,14 @@ def test_demo_writes_a_file(tmp_path: Path) -> None:
     assert output.read_bytes().startswith(b"TransactionTime,ContactKey,Status")
 
 
+def test_demo_refuses_an_output_named_like_an_exports_state(tmp_path: Path) -> None:
+    done = journey_export("demo", "--output", str(tmp_path / "j.csv.partial"))
+
+    assert done.returncode == 2
+    assert "named like an export's own state" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_range_args_are_hour_aligned() -> None:
     start = dt.datetime.fromisoformat(range_args(1, Path("x"))[1])
     assert start.minute == 0

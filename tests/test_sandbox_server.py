@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import socket
@@ -236,6 +237,8 @@ async def test_two_sandboxes_with_one_seed_serve_the_same_bytes(start: Start) ->
         ({}, {}, {"start": "yesterday"}, 10001, "'yesterday'"),
         ({}, {}, {"end": 17}, 10001, "end date 17"),
         ({}, {}, {"start": sfmc.format_time(NEXT + 1)}, 10001, "later than"),
+        ({}, {}, {"end": "9999-12-31T23:00:00-12:00"}, 10001, "not a valid"),
+        ({}, {}, {"start": "0001-01-01T00:00:00+01:00"}, 10001, "not a valid"),
         ({}, {}, {"statuses": "Failed"}, 10004, "statuses"),
     ],
 )
@@ -335,6 +338,24 @@ async def test_an_empty_window_answers_per_switch(
     got = await api.download(query={"columns": "Status,Id"}, body=NOBODY)
 
     assert (got.status, got.body) == (status, body)
+
+
+@pytest.mark.parametrize("fault", ["cut_length", "cut_gzip", "stall"])
+async def test_a_fault_is_counted_only_where_it_is_injected(
+    start: Start, fault: str
+) -> None:
+    # An empty window answered with 204 has no body to cut or stall: the fault
+    # drawn for it is not injected, and the stats must not say it was.
+    faults = f"{fault}@*,stall_seconds=1"
+    sandbox, api = await start(empty_window="204", faults=faults)
+    skipped = await api.download(body=NOBODY)
+    assert skipped.status == 204
+    assert sandbox.stats.faults[fault] == 0
+
+    timeout = aiohttp.ClientTimeout(sock_read=0.3)
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        await api.download(client_timeout=timeout)
+    assert sandbox.stats.faults[fault] == 1
 
 
 async def test_crlf_and_bom_change_the_file_but_not_the_truth(start: Start) -> None:

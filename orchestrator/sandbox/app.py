@@ -46,6 +46,8 @@ GARBAGE = b"<html><body>Service temporarily unavailable</body></html>"
 RESET = web.RequestKey("sandbox.reset", bool)
 BODY_CACHE_BYTES = 128 * 2**20
 ESTIMATES_KEPT = 100_000
+# Faults that need a body to act on: an answer without one (204, refused) has none.
+CUTS_AND_STALLS = frozenset({"cut_length", "cut_chunked", "cut_gzip", "stall"})
 Sizes = tuple[int, int, int]
 
 
@@ -153,12 +155,9 @@ class SandboxApp:
             return _answer(fault_answer("blocked"))
 
         fault = self._injector.for_download(query.start_ms, attempt)
-        if fault is not None:
-            self._note_fault(fault, query, attempt)
-
         self.stats.download_started()
         try:
-            return await self._download(request, query, fault, token)
+            return await self._download(request, query, (fault, attempt), token)
         finally:
             self.stats.download_finished()
 
@@ -206,8 +205,18 @@ class SandboxApp:
         return web.json_response(self.stats.as_dict())
 
     async def _download(
-        self, request: web.Request, query: DownloadQuery, fault: str | None, token: str
+        self,
+        request: web.Request,
+        query: DownloadQuery,
+        drawn: tuple[str | None, int],
+        token: str,
     ) -> web.StreamResponse:
+        """The answer to a download; the fault drawn for this attempt (if any) is
+        counted where it is injected, not where an answer without it is sent."""
+        fault, attempt = drawn
+        if fault is not None and fault not in CUTS_AND_STALLS:
+            self._note_fault(fault, query, attempt)  # each happens whatever the body
+
         if fault in STATUS_KINDS or fault == "token_revoked":
             return self._fault_answer(fault, token)
 
@@ -232,6 +241,9 @@ class SandboxApp:
                 return _answer(rest_error(400, TOO_LARGE, text))
 
             data = data[:cap]
+
+        if fault is not None and fault in CUTS_AND_STALLS and data:
+            self._note_fault(fault, query, attempt)  # no body (204, refused): none
 
         claimed = (
             "gzip" if self.settings.false_encoding and fault != "cut_gzip" else None

@@ -43,7 +43,8 @@ class DownloadQuery:
 def parse_time(text: object) -> int:
     """Epoch milliseconds of an ISO 8601 time; no offset means UTC.
 
-    Raises ValueError when `text` is not an ISO 8601 string.
+    Raises ValueError when `text` is not an ISO 8601 string, or names a moment
+    whose UTC date is before year 1 or after year 9999.
     """
     if not isinstance(text, str):
         raise ValueError(f"expected an ISO 8601 string, got {text!r}")
@@ -51,6 +52,11 @@ def parse_time(text: object) -> int:
     moment = dt.datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
+
+    try:
+        moment = moment.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range in UTC") from None
 
     return (moment - sfmc.EPOCH) // dt.timedelta(milliseconds=1)
 
