@@ -950,6 +950,18 @@ def test_the_sandbox_command_takes_several_faults_after_one_fault_flag() -> None
             "sandbox option 'history_lag_seconds': expected a number >= 0",
         ),
         ({"cache_megabytes": "-1"}, "sandbox option 'cache_megabytes': expected a"),
+        (
+            {"rows_per_hour": "99999999999"},
+            "sandbox option 'rows_per_hour': expected a number <= 1,000,000",
+        ),
+        (
+            {"token_lifetime_seconds": "100000000"},
+            "sandbox option 'token_lifetime_seconds': expected a number <= 86,400",
+        ),
+        (
+            {"cache_megabytes": "999999999"},
+            "sandbox option 'cache_megabytes': expected a number <= 16,384",
+        ),
         ({"seed": "-1"}, "sandbox option 'seed': expected a number >= 0, got -1"),
     ],
 )

@@ -29,6 +29,13 @@ LEAST: dict[str, int] = {  # where 0 is impossible; every other number may be 0
     "max_concurrent_downloads": 1,
     "bandwidth_bytes_per_second": 1,
 }
+MOST: dict[str, float] = {  # beyond these a typo would take the machine's memory
+    "rows_per_hour": 1_000_000,
+    "token_lifetime_seconds": 86_400,
+    "history_lag_seconds": 30 * 86_400,
+    "first_byte_seconds": 3_600,
+    "cache_megabytes": 16_384,
+}
 KIND_NAMES: dict[object, str] = {
     int: "an integer",
     float: "a number",
@@ -137,7 +144,10 @@ def _expected(name: str, hint: object, value: object) -> str | None:
     if not math.isfinite(value):
         return "a finite number"
 
-    least = LEAST.get(name, 0)
+    least, most = LEAST.get(name, 0), MOST.get(name, math.inf)
+    if value > most:
+        return f"a number <= {most:,.0f}"
+
     return None if value >= least else f"a number >= {least}"
 
 
