@@ -26,6 +26,7 @@ from orchestrator.errors import (
     TokenUnavailableError,
     UsageError,
 )
+from orchestrator.redaction import server_text
 from orchestrator.session import read_json
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,16 @@ class TokenSource:
         self._clock = clock
         self._lock = anyio.Lock()
         self._token: Token | None = None
+        self._issued: list[str] = []  # every token value, kept out of error text
         self.requests = 0
+
+    def hidden(self) -> dict[str, list[str]]:
+        """What must never appear in text this run keeps: the client secret and
+        every token handed out, by the label that replaces them."""
+        return {
+            "<client secret>": [self._credentials.client_secret],
+            "<token>": list(self._issued),
+        }
 
     async def get(self) -> Token:
         """A token that is not about to expire; waits while another task renews it."""
@@ -104,7 +114,9 @@ class TokenSource:
         self.requests += 1
         url = f"{self._credentials.auth_url}/{sfmc.TOKEN_PATH}"
         try:
-            async with self._session.post(url, json=self._token_body()) as response:
+            async with self._session.post(
+                url, json=self._token_body(), allow_redirects=False
+            ) as response:
                 answer = await read_json(response)
                 status = response.status
         except aiohttp.ClientConnectorCertificateError as error:
@@ -139,10 +151,18 @@ class TokenSource:
                 f"https://<subdomain>.auth.{SFMC_DOMAIN}"
             )
 
+        if 300 <= status < 400:
+            raise UsageError(
+                f"the token endpoint at {self._credentials.auth_url} redirected the "
+                f"request ({status}), which is not followed (it carries the secret); "
+                "give SFMC_AUTH_URL as the auth base URL itself"
+            )
+
         if status != 200:
             reason = answer.get("error_description") or answer.get("error") or status
+            shown = server_text(str(reason), self.hidden())
             raise CredentialsError(
-                f"credentials rejected by the token endpoint ({status}: {reason}); "
+                f"credentials rejected by the token endpoint ({status}: {shown}); "
                 "check SFMC_CLIENT_ID, SFMC_CLIENT_SECRET and SFMC_ACCOUNT_ID"
             )
 
@@ -154,6 +174,7 @@ class TokenSource:
             raise RetryableError("token answer lacks access_token or URL") from None
 
         check_rest_url(rest_url, self._allowed_domains)
+        self._issued.append(value)
         margin = min(REFRESH_MARGIN_SECONDS, lifetime / 4)
         logger.debug("new token, valid %.0f s", lifetime)
         return Token(

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UsageError
+from orchestrator.parts import read_regular_file
+
+MAX_CONFIG_BYTES = 2**20  # a device named as the config would never end
 
 CONFIG_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "export": {
@@ -75,11 +78,14 @@ def load_config(path: Path | None) -> LoadedConfig:
         return config
 
     try:
-        with path.open("rb") as stream:
-            data = tomllib.load(stream)
+        data = tomllib.loads(read_regular_file(path, limit=MAX_CONFIG_BYTES).decode())
     except FileNotFoundError:
         raise UsageError(f"config {path}: no such file") from None
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except OSError as error:
+        raise UsageError(
+            f"config {path}: {error.strerror or error}; give a TOML file"
+        ) from None
+    except tomllib.TOMLDecodeError as error:
         raise UsageError(f"config {path}: cannot be read as TOML: {error}") from None
     except UnicodeDecodeError:
         raise UsageError(f"config {path}: not UTF-8 text; save it as UTF-8") from None

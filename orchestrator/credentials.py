@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UsageError
+from orchestrator.parts import read_regular_file
 
 logger = logging.getLogger(__name__)
 
 
+MAX_CREDENTIALS_BYTES = 64 * 1024  # NAME=value lines; a device would never end
 CREDENTIAL_NAMES = (
     "SFMC_CLIENT_ID",
     "SFMC_CLIENT_SECRET",
@@ -88,7 +90,8 @@ def _warn_if_open(path: Path, bits: int, what: str, why: str, fix: str) -> None:
 def read_credentials_file(path: Path) -> dict[str, str]:
     """Read ``NAME=value`` lines (SFMC_CLIENT_ID ...); values are never shown."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = read_regular_file(path, limit=MAX_CREDENTIALS_BYTES)
+        lines = data.decode("utf-8").splitlines()
     except OSError as error:
         raise UsageError(
             f"credentials file {path}: {error.strerror}; make credentials.file in the "

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from orchestrator.errors import (
 )
 from orchestrator.parts import PartInfo, PartWriter, keep_window_rows
 from orchestrator.planner import Window
+from orchestrator.redaction import SERVER_TEXT_CHARS, server_text
 from orchestrator.session import read_json
 from orchestrator.timeparse import to_millis
 
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 1024
 MAX_ERROR_BODY = 64 * 1024
+MAX_TEXT = SERVER_TEXT_CHARS  # of a server's message kept in an error
 MAX_RETRY_AFTER = 3600.0
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # How a refusal for size may read; SFMC's real wording is not documented.
@@ -152,28 +154,21 @@ class JourneyHistoryClient:
 
     @contextmanager
     def _translated(self, window: Window | None = None) -> Iterator[None]:
-        """Turn aiohttp's exceptions into WindowErrors, with contact keys redacted."""
+        """Turn aiohttp's exceptions into WindowErrors, their text made safe to keep
+        (no contact key, secret or token; no control character)."""
         try:
             yield
-        except WindowError as error:
-            error.window = error.window or (window.key if window else None)
-            error.message = self._redact(error.message)
-            error.args = (error.message,)
-            raise
         except aiohttp.ClientConnectorCertificateError as error:
             raise untrusted(str(error.host), error) from None
-        except aiohttp.ClientPayloadError as error:
-            raise RetryableError(f"the body was cut short ({error})") from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as error:
-            raise RetryableError(f"connection failed: {_describe(error)}") from None
-        except TimeoutError:
-            raise RetryableError("timed out waiting for the server") from None
-        except aiohttp.ClientResponseError as error:
-            raise RetryableError(
-                f"the answer's header is malformed or too large ({error.message[:80]})"
-            ) from None
-        except aiohttp.ClientError as error:
-            raise RetryableError(f"HTTP error: {_describe(error)}") from None
+        except (WindowError, aiohttp.ClientError, TimeoutError) as error:
+            translated = error if isinstance(error, WindowError) else _translate(error)
+            translated.window = translated.window or (window.key if window else None)
+            translated.message = self._safe(translated.message, limit=4 * MAX_TEXT)
+            translated.args = (translated.message,)
+            if translated is error:
+                raise
+
+            raise translated from None
 
     async def _download(self, window: Window, path: Path) -> PartInfo:
         headers = {"x-direct-pipe": "true", "Accept-Encoding": self._accept_encoding()}
@@ -183,7 +178,9 @@ class JourneyHistoryClient:
             if response.status == 204:
                 return _empty_part(path)
 
-            await _raise_for_status(response, keys=len(self._request.contact_keys))
+            await _raise_for_status(
+                response, self._safe, keys=len(self._request.contact_keys)
+            )
             info, boundary_seen = await self._stream(window, response, path)
 
         if boundary_seen:
@@ -249,13 +246,11 @@ class JourneyHistoryClient:
                 "it)"
             ) from None
 
-    def _redact(self, text: str) -> str:
-        """Keep contact keys (personal data) out of error text the server echoed."""
-        for key in self._request.contact_keys:
-            if key in text:
-                text = text.replace(key, "<contact key>")
-
-        return text
+    def _safe(self, text: str, *, limit: int = MAX_TEXT) -> str:
+        """Text from the server without contact keys (personal data), the secret or
+        a token in it, nor control characters; at most ``limit`` characters."""
+        hidden = {"<contact key>": self._request.contact_keys, **self._tokens.hidden()}
+        return server_text(text, hidden, limit=limit)
 
     def _boundary(self, window: Window) -> bytes | None:
         if sfmc.TIME_COLUMN not in self._request.columns:
@@ -288,7 +283,7 @@ class JourneyHistoryClient:
             async with self._call(
                 "POST", sfmc.ESTIMATE_PATH, window=window
             ) as response:
-                await _raise_for_status(response)
+                await _raise_for_status(response, self._safe)
                 answer = await read_json(response)
 
         return _parse_estimate(answer)
@@ -298,7 +293,7 @@ class JourneyHistoryClient:
         says a lag below 0 or beyond the retention."""
         with self._translated():
             async with self._call("GET", sfmc.FRESHNESS_PATH) as response:
-                await _raise_for_status(response)
+                await _raise_for_status(response, self._safe)
                 answer = await read_json(response)
 
         lag = _first_number(answer, _LAG_KEYS)
@@ -326,6 +321,7 @@ class JourneyHistoryClient:
             response = await self._session.request(
                 method,
                 token.rest_url + path,
+                allow_redirects=False,
                 params=self._query() if window else None,
                 json=self._body(window) if window else None,
                 headers={**(headers or {}), "Authorization": f"Bearer {token.value}"},
@@ -417,16 +413,28 @@ def _empty_part(path: Path) -> PartInfo:
     return writer.finish()
 
 
-async def _raise_for_status(response: aiohttp.ClientResponse, *, keys: int = 0) -> None:
-    """Raise the error an unsuccessful answer stands for. A 413 to a request that
-    carries ``keys`` contact keys is about the request, not the window: splitting
-    the window cannot help."""
+async def _raise_for_status(
+    response: aiohttp.ClientResponse,
+    safe: Callable[[str], str],
+    *,
+    keys: int = 0,
+) -> None:
+    """Raise the error an unsuccessful answer stands for, its text made ``safe``. A
+    413 to a request that carries ``keys`` contact keys is about the request, not
+    the window: splitting the window cannot help."""
     status = response.status
     if 200 <= status < 300:
         return
 
+    if 300 <= status < 400:
+        raise PermanentError(
+            f"{status}: the server redirected the request, which is not followed "
+            "(the token and contact keys go only where the token answer said)",
+            status=status,
+        )
+
     answer = await read_json(response)
-    message = str(answer.get("message") or response.reason or "no message")[:300]
+    message = safe(str(answer.get("message") or response.reason or "no message"))
     errorcode = answer.get("errorcode")
     code = errorcode if isinstance(errorcode, int) else None
     described = f"{status} {message}" + (f" (errorcode {code})" if code else "")
@@ -452,6 +460,25 @@ async def _raise_for_status(response: aiohttp.ClientResponse, *, keys: int = 0) 
         raise TooLargeError(described, status=status, errorcode=code)
 
     raise PermanentError(described, status=status, errorcode=code)
+
+
+def _translate(error: aiohttp.ClientError | TimeoutError) -> WindowError:
+    """The WindowError an exception of aiohttp (or a timeout) stands for."""
+    if isinstance(error, aiohttp.ClientPayloadError):
+        return RetryableError(f"the body was cut short ({error})")
+
+    if isinstance(error, aiohttp.ClientConnectionError | aiohttp.ClientOSError):
+        return RetryableError(f"connection failed: {_describe(error)}")
+
+    if isinstance(error, TimeoutError):
+        return RetryableError("timed out waiting for the server")
+
+    if isinstance(error, aiohttp.ClientResponseError):
+        return RetryableError(
+            f"the answer's header is malformed or too large ({error.message[:80]})"
+        )
+
+    return RetryableError(f"HTTP error: {_describe(error)}")
 
 
 def retry_after(headers: Mapping[str, str], answer: Mapping[str, Any]) -> float:

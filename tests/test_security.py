@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import trustme
+from aiohttp import web
 
 from orchestrator.auth import check_auth_url, check_rest_url
 from orchestrator.config import ExportRequest, HttpSettings, read_contact_keys
 from orchestrator.configfile import load_config
 from orchestrator.credentials import Credentials, load_credentials
-from orchestrator.errors import UsageError
+from orchestrator.errors import JourneyExportError, UsageError
 from orchestrator.export import run_export
 from orchestrator.manifest import ExportPaths
 from orchestrator.sandbox import SandboxServer, SandboxSettings
@@ -361,3 +362,139 @@ def test_a_url_with_an_impossible_port_is_refused_not_retried(url: str) -> None:
 
     with pytest.raises(UsageError, match="port"):
         check_rest_url(url + "/", ("marketingcloudapis.com",))
+
+
+TOKEN = "TOKxyz-secret-token-5b2c"
+KEYS = ("alice@example.com", 'ext"q"1', "zoë@example.com")
+
+
+class HostileServer:
+    """A token endpoint and download call that echo what they were sent, or send
+    the request elsewhere (307): the tool must keep the secret, the token and the
+    contact keys out of what it writes, and follow no redirect."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.captured: list[bytes] = []  # what reached the redirect's target
+        self.url = ""
+        self.elsewhere = ""
+
+    async def __aenter__(self) -> HostileServer:
+        self._runners: list[web.AppRunner] = []
+        self.url = await self._serve(self._routes())
+        capture = web.Application()
+        capture.router.add_route("*", "/{tail:.*}", self._capture)
+        self.elsewhere = await self._serve(capture)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+
+    async def _serve(self, app: web.Application) -> str:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self._runners.append(runner)
+        port = runner.addresses[0][1]
+        return f"http://127.0.0.1:{port}"
+
+    def _routes(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v2/token", self._token)
+        app.router.add_post(
+            "/interaction/v1/interactions/journeyhistory/download", self._download
+        )
+        return app
+
+    async def _capture(self, request: web.Request) -> web.Response:
+        self.captured.append(await request.read())
+        return web.Response(status=500)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        sent = await request.text()
+        if self.mode == "token_echo":
+            return web.json_response({"error_description": sent}, status=401)
+
+        if self.mode == "token_redirect":
+            raise web.HTTPTemporaryRedirect(self.elsewhere + "/v2/token")
+
+        answer = {"access_token": TOKEN, "rest_instance_url": self.url + "/"}
+        return web.json_response(answer)
+
+    async def _download(self, request: web.Request) -> web.Response:
+        if self.mode == "download_redirect":
+            raise web.HTTPTemporaryRedirect(self.elsewhere + "/download")
+
+        echoed = f"{request.headers['Authorization']} {await request.text()}"
+        message = f"bad request: {echoed}\n2026-12-05T08:00:00 INFO forged\x1b[31m"
+        return web.json_response({"message": message, "errorcode": 10000}, status=400)
+
+
+@pytest.mark.parametrize(
+    "mode", ["token_echo", "token_redirect", "download_echo", "download_redirect"]
+)
+async def test_what_a_server_echoes_or_redirects_never_leaks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    output = tmp_path / "o.csv"
+    end = hour_now() - 2 * HOUR
+    request = ExportRequest(contact_keys=KEYS)
+    async with HostileServer(mode) as server:
+        credentials = Credentials("client", SECRET, server.url)
+        settings = run_settings(output, end - HOUR, end, request=request)
+        try:
+            result = await run_export(settings, credentials)
+            written = str(result)
+        except JourneyExportError as error:
+            written = str(error)
+
+    assert server.captured == []  # no redirect was followed
+    if mode == "download_echo":  # the echo arrived, and was cleaned
+        assert "Bearer <token> {" in written and "<contact key>" in written
+    if mode == "token_echo":
+        assert "<client secret>" in written
+    kept = [written, caplog.text, *(p.read_text() for p in every_file(tmp_path))]
+    forms = [SECRET, TOKEN, *KEYS, 'ext\\"q\\"1', "zo\\u00eb", "\x1b", "\n20"]
+    assert [form for form in forms for text in kept if form in text] == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+@pytest.mark.parametrize("role", ["config", "credentials", "contact keys"])
+def test_a_fifo_or_device_given_as_an_input_file_is_refused_at_once(
+    tmp_path: Path, kind: str, role: str
+) -> None:
+    special = tmp_path / "special"
+    if kind == "fifo":
+        os.mkfifo(special)  # reading would wait for a writer forever
+    else:
+        special = Path("/dev/zero")  # reading would never end
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[credentials]\nfile = "{special}"\n')
+    args = {
+        "config": ["--config", str(special)],
+        "credentials": ["--config", str(config)],
+        "contact keys": ["--contact-keys-file", str(special)],
+    }[role]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            *range_args(1, tmp_path / "o.csv"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env_for(1),
+        timeout=20,
+        check=False,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert "not a regular file" in done.stderr
+    assert done.stderr.count("\n") == 1

@@ -32,7 +32,6 @@ LEAST: dict[str, int] = {  # where 0 is impossible; every other number may be 0
 MOST: dict[str, float] = {  # beyond these a typo would take the machine's memory
     "rows_per_hour": 1_000_000,
     "token_lifetime_seconds": 86_400,
-    "history_lag_seconds": 30 * 86_400,
     "first_byte_seconds": 3_600,
     "cache_megabytes": 16_384,
 }
