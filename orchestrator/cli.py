@@ -247,7 +247,11 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tz", help="dates, today and yesterday in this zone (default UTC)")
     add("--output", help="the file to write; {start:%%Y%%m%%d} and {end:...} filled in")
     add("--format", choices=sfmc.FORMATS, help="csv (default) or tsv")
-    add("--columns", help="comma-separated column names (default: SFMC's 8)")
+    add(
+        "--columns",
+        action="append",
+        help="column names in order, comma-separated or repeated (default: SFMC's 8)",
+    )
     add("--window", help="window span: 1h (default), 30m, 15m ...")
     add("--concurrency", type=int, help="downloads at once (default 5)")
     add(

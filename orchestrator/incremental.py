@@ -346,11 +346,13 @@ def state_file_of(options: Mapping[str, Any], config: Mapping[str, Any]) -> Path
 
 
 def nothing_new(since: str) -> ExportResult:
-    """The result of an incremental run that found nothing to export."""
+    """The result of an incremental run that found nothing to export; its times
+    written as every report writes them (ISO 8601, +00:00)."""
+    moment = dt.datetime.fromisoformat(since).astimezone(dt.UTC).isoformat()
     return ExportResult(
         output="",
-        start=since,
-        end=since,
+        start=moment,
+        end=moment,
         windows=0,
         exported=0,
         rows=0,

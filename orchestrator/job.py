@@ -397,15 +397,19 @@ class ExportJob:
         return record.window.end > final_until
 
     async def _failed(self, record: WindowRecord, error: WindowError) -> None:
+        self._fail(record, error)
+        self.manifest.checkpoint()
+
+    def _fail(self, record: WindowRecord, error: WindowError) -> None:
+        """Record ``record`` as failed; refused unless asking again may help."""
         self.progress.failed += 1
         if isinstance(error, RetryableError):
             self.refused.discard(record.window.key)
         else:
-            self.refused.add(record.window.key)
+            self.refused.add(record.window.key)  # only another request gets it
 
         record.state = FAILED
         record.error = str(error)
-        self.manifest.checkpoint()
         logger.error(
             "window %s failed (attempts over every run so far: %d): %s",
             record.window,
@@ -423,16 +427,8 @@ class ExportJob:
         self, record: WindowRecord, error: TooLargeError
     ) -> list[WindowRecord]:
         if not self._can_split(record):
-            failure = _unsplittable(error)
-            record.state, record.error = FAILED, str(failure)
-            if isinstance(failure, PermanentError):
-                self.refused.add(record.window.key)  # only another setting gets it
-            else:
-                self.refused.discard(record.window.key)
-
-            self.progress.failed += 1
+            self._fail(record, _unsplittable(error))
             self.manifest.save()
-            logger.error("window %s failed: %s", record.window, failure)
             return []
 
         halves = list(self.manifest.split(record))

@@ -137,9 +137,17 @@ def write_report(path: Path, report: Mapping[str, Any]) -> None:
     write_atomically(path, json.dumps(report, indent=2, default=str) + "\n")
 
 
+def _label_value(text: str) -> str:
+    """``text`` as a quoted label value of the text format: UTF-8 as it is, with
+    only a backslash, a double quote and a line feed escaped (the format knows no
+    other escape: a strict reader would drop the whole file)."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
 def prometheus_text(report: Mapping[str, Any]) -> str:
     """The report as Prometheus text exposition for the textfile collector."""
-    label = json.dumps(str(report["output"]))
+    label = _label_value(str(report["output"]))
     gauges = {
         "last_run_timestamp_seconds": time.time(),
         "last_run_success": 1 if report["exit_code"] == 0 else 0,

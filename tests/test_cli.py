@@ -23,6 +23,7 @@ from orchestrator.errors import UsageError
 from orchestrator.incremental import STATE_NAME
 from orchestrator.launch import json_logs_asked
 from orchestrator.manifest import ExportPaths, Manifest
+from orchestrator.reporting import prometheus_text
 from orchestrator.sandbox import History
 from tests.conftest import HOUR, expected_output, hour_now
 
@@ -514,6 +515,19 @@ def test_a_failed_run_still_leaves_a_report(tmp_path: Path) -> None:
     assert done.returncode == 2
     summary = json.loads(report.read_text())
     assert summary["exit_code"] == 2 and "retention" in summary["error"]
+    counts = ("windows", "exported", "rows", "bytes", "retries", "throttled")
+    assert {name: summary[name] for name in counts} == dict.fromkeys(counts, 0)
+    assert (summary["start"], summary["end"]) == (None, None)  # no export began
+
+
+def test_the_metrics_file_writes_a_label_as_the_text_format_allows() -> None:
+    # Raw UTF-8 and tabs; only a backslash, a double quote and a line feed escaped.
+    output = 'exports/café\t"q"\\x\ny'
+    report = {"output": output, "exit_code": 0, "seconds": 1.0, "failed": []}
+    report |= {"rows": 1, "bytes": 2, "windows": 3, "exported": 3, "retries": 0}
+    text = prometheus_text({**report, "throttled": 0, "complete": True})
+
+    assert 'output="exports/café\t\\"q\\"\\\\x\\ny"' in text
 
 
 def test_redo_of_a_range_outside_the_export_is_refused(

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.cli import build_parser
+from orchestrator.commands import options_of
 from orchestrator.config import RunSettings, build_settings, read_contact_keys
 from orchestrator.configfile import load_config
 from orchestrator.credentials import credentials_from_env, load_credentials
@@ -387,3 +389,12 @@ def test_a_home_folder_in_paths_is_expanded(
 
     assert found.output == tmp_path / "exports" / "o.csv"
     assert found.request.contact_keys == ("a@example.com",)
+
+
+def test_repeated_columns_flags_add_up_in_order() -> None:
+    flags = ["run", "--start=-3h", "--output", "o.csv"]
+    flags += ["--columns", "TransactionTime,Status", "--columns", "ContactKey"]
+    options = options_of(build_parser().parse_args(flags))
+    settings = build_settings(options, {}, now=dt.datetime.now(dt.UTC))
+
+    assert settings.request.columns == ("TransactionTime", "Status", "ContactKey")

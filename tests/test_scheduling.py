@@ -672,6 +672,9 @@ def test_the_summary_of_a_run_with_nothing_new_writes_its_end_in_utc_with_z() ->
     line = summary_line(result)
 
     assert line == "nothing new since the last export, which ended 2026-11-03T12:00:00Z"
+    nothing = incremental.nothing_new("2026-11-03T12:00:00Z")
+    assert (nothing.start, nothing.end) == ("2026-11-03T12:00:00+00:00",) * 2
+    assert summary_line(nothing) == line
 
 
 def test_the_summary_of_a_run_stopped_by_the_disk_names_the_disk() -> None:

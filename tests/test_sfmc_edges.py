@@ -125,7 +125,7 @@ async def test_a_compressed_body_cut_at_the_same_size_twice_is_split(
 
 
 async def test_a_window_that_cannot_be_split_further_fails_saying_so(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = SandboxSettings(rows_per_hour=200, cap_bytes=50, cap_behaviour="error")
     async with SandboxServer(settings) as sandbox:
@@ -144,6 +144,10 @@ async def test_a_window_that_cannot_be_split_further_fails_saying_so(
     assert result.failed
     assert all("cannot be split further" in e for e in result.failed.values())
     assert exit_code_of(result) == ExitCode.USAGE  # only a smaller --min-window helps
+    events = [
+        getattr(r, "event", None) for r in caplog.records if r.levelname == "ERROR"
+    ]
+    assert events.count("window_failed") == len(result.failed)  # for --log-format json
 
 
 async def test_a_smallest_window_cut_twice_alike_fails_for_a_rerun_not_refused(
