@@ -125,14 +125,8 @@ def _part_write_error(part: Path, error: OSError) -> JourneyExportError:
 
 
 def _unsplittable(error: TooLargeError) -> WindowError:
-    """The failure of a window too large that cannot be split further: refused, as
-    only a smaller --min-window gets it, unless the cut was only inferred."""
-    if isinstance(error, CutShortError):
-        return RetryableError(
-            f"{error}, and the window cannot be split further; rerun: a fault cuts a "
-            "body once, a size limit every time (then lower --min-window)"
-        )
-
+    """The failure of a window over the cap that cannot be split further: refused,
+    as only a smaller --min-window gets it."""
     return PermanentError(f"{error}, and the window cannot be split further")
 
 
@@ -342,6 +336,14 @@ class ExportJob:
         temporary = self.paths.part(record.window).with_suffix(".tmp")
         try:
             return await self.client.download(record.window, temporary)
+        except CutShortError as error:
+            temporary.unlink(missing_ok=True)
+            if self._can_split(record):
+                raise
+
+            # Only inferred: at the smallest window a fault is likelier than a size
+            # limit, so it is asked again as any cut body is.
+            raise RetryableError(f"{error}; at --min-window, asked again") from None
         except OSError as error:
             temporary.unlink(missing_ok=True)
             raise _part_write_error(temporary, error) from None

@@ -150,12 +150,12 @@ async def test_a_window_that_cannot_be_split_further_fails_saying_so(
     assert events.count("window_failed") == len(result.failed)  # for --log-format json
 
 
-async def test_a_smallest_window_cut_twice_alike_fails_for_a_rerun_not_refused(
+async def test_a_smallest_window_cut_alike_again_and_again_is_asked_again(
     tmp_path: Path,
 ) -> None:
-    # Two cuts at the same size look like a size limit, but at the smallest window
-    # they may be faults: the window fails (exit 1) and a plain rerun gets it.
-    faults = parse_faults(["cut_gzip@1", "cut_gzip@2"])
+    # Cuts at the same size look like a size limit, but at the smallest window they
+    # may be faults: it is asked again like any cut body, never refused (exit 2).
+    faults = parse_faults(["cut_gzip@1", "cut_gzip@2", "cut_gzip@3"])
     settings = SandboxSettings(rows_per_hour=200, faults=faults)
     minute = MINUTE
     async with SandboxServer(settings) as sandbox:
@@ -169,14 +169,12 @@ async def test_a_smallest_window_cut_twice_alike_fails_for_a_rerun_not_refused(
         )
         output = tmp_path / "o.csv"
         options = {"window": minute, "min_window": minute, "estimate": False}
-        failed = await export(sandbox, output, start, start + minute, **options)
-        done = await export(sandbox, output, start, start + minute, **options)
+        done = await export(
+            sandbox, output, start, start + minute, retry=FAST_RETRY, **options
+        )
 
-    (error,) = failed.failed.values()
-    assert error.endswith("(then lower --min-window)")
-    assert exit_code_of(failed) == ExitCode.WINDOWS_FAILED
-    assert "rerun the same command" in summary_line(failed)
     assert done.complete
+    assert Manifest.load(ExportPaths(output).manifest).windows[0].attempts == 4
     assert output.read_bytes() == expected_output(
         sandbox.history, start, start + minute
     )
