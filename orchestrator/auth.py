@@ -123,7 +123,8 @@ class TokenSource:
             raise untrusted(str(urlsplit(url).hostname), error) from None
         except (aiohttp.ClientError, TimeoutError) as error:
             logger.warning("token request failed (%s); retrying", type(error).__name__)
-            raise RetryableError(f"token endpoint unreachable: {error}") from None
+            said = server_text(str(error), self.hidden())  # may quote the answer
+            raise RetryableError(f"token endpoint unreachable: {said}") from None
 
         return self._token_from_answer(status, answer)
 
@@ -173,7 +174,13 @@ class TokenSource:
         except (KeyError, TypeError, ValueError):
             raise RetryableError("token answer lacks access_token or URL") from None
 
-        check_rest_url(rest_url, self._allowed_domains)
+        try:
+            check_rest_url(rest_url, self._allowed_domains)
+        except UsageError as error:  # it names the URL the server sent
+            raise UsageError(
+                server_text(str(error), self.hidden(), limit=600)
+            ) from None
+
         self._issued.append(value)
         margin = min(REFRESH_MARGIN_SECONDS, lifetime / 4)
         logger.debug("new token, valid %.0f s", lifetime)

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from orchestrator import sfmc
 from orchestrator.configfile import LoadedConfig, suggest
 from orchestrator.errors import UsageError
-from orchestrator.parts import read_regular_file
+from orchestrator.parts import read_input_file
 from orchestrator.planner import MAX_SPAN, MIN_SPAN
 from orchestrator.timeparse import iso, load_zone, parse_duration, parse_time
 
@@ -167,7 +167,7 @@ def check_choices(
 def read_contact_keys(path: Path) -> tuple[str, ...]:
     """Read one contact key per line; blank lines are skipped, keys are not logged."""
     try:
-        data = read_regular_file(path, limit=MAX_CONTACT_KEYS_BYTES)
+        data = read_input_file(path, limit=MAX_CONTACT_KEYS_BYTES)
         text = data.decode("utf-8-sig")
     except FileNotFoundError:
         raise UsageError(f"contact keys file {path}: no such file") from None

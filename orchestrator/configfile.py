@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UsageError
-from orchestrator.parts import read_regular_file
+from orchestrator.parts import read_input_file
 
 MAX_CONFIG_BYTES = 2**20  # a device named as the config would never end
 
@@ -78,7 +78,7 @@ def load_config(path: Path | None) -> LoadedConfig:
         return config
 
     try:
-        data = tomllib.loads(read_regular_file(path, limit=MAX_CONFIG_BYTES).decode())
+        data = tomllib.loads(read_input_file(path, limit=MAX_CONFIG_BYTES).decode())
     except FileNotFoundError:
         raise UsageError(f"config {path}: no such file") from None
     except OSError as error:

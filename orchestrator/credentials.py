@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UsageError
-from orchestrator.parts import read_regular_file
+from orchestrator.parts import read_input_file
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _warn_if_open(path: Path, bits: int, what: str, why: str, fix: str) -> None:
 def read_credentials_file(path: Path) -> dict[str, str]:
     """Read ``NAME=value`` lines (SFMC_CLIENT_ID ...); values are never shown."""
     try:
-        data = read_regular_file(path, limit=MAX_CREDENTIALS_BYTES)
+        data = read_input_file(path, limit=MAX_CREDENTIALS_BYTES)
         lines = data.decode("utf-8").splitlines()
     except OSError as error:
         raise UsageError(

@@ -147,20 +147,21 @@ def command_demo(args: argparse.Namespace) -> int:
     if not 1 <= args.hours <= 24 * 29:
         raise UsageError(f"--hours {args.hours} is out of range: use 1 to 696")
 
-    args.output = _check_demo_output(args.output)
+    end = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    start = end - dt.timedelta(hours=args.hours)
+    output = _check_demo_output(args.output, start, end)
     if args.log_level is None:  # one line per window is noise for a first look
         logging.getLogger().setLevel(logging.WARNING)
 
-    result = anyio.run(_demo, args.output, args.hours)
+    result = anyio.run(_demo, output, start, end)
     answer(demo_summary(result))
     return int(ExitCode.OK if result.complete else ExitCode.WINDOWS_FAILED)
 
 
-def _check_demo_output(given: Path) -> Path:
-    """The output, checked as ``run`` checks its own (no name of an export's state,
-    say); refuse to replace a file that no earlier demo or export wrote."""
-    now = dt.datetime.now(dt.UTC)
-    output = render_output(str(given), now, now)
+def _check_demo_output(given: Path, start: dt.datetime, end: dt.datetime) -> Path:
+    """The output, its template filled and checked as ``run`` does (no name of an
+    export's state, say); refuse to replace a file no demo or export wrote."""
+    output = render_output(str(given), start, end)
     if output.exists() and not ExportPaths(output).manifest.exists():
         raise UsageError(
             f"{output} exists and was not written by journey-export; give the demo "
@@ -170,14 +171,13 @@ def _check_demo_output(given: Path) -> Path:
     return output
 
 
-async def _demo(output: Path, hours: int) -> ExportResult:
+async def _demo(output: Path, start: dt.datetime, end: dt.datetime) -> ExportResult:
     from orchestrator.sandbox import SandboxServer
 
     settings = _settings({})
     async with SandboxServer(settings) as sandbox:
-        end = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
         run = RunSettings(
-            start=end - dt.timedelta(hours=hours),
+            start=start,
             end=end,
             output=output,
             request=ExportRequest(),
@@ -188,7 +188,7 @@ async def _demo(output: Path, hours: int) -> ExportResult:
             client_secret=settings.client_secret,
             auth_url=sandbox.auth_url,
         )
-        logger.info("sandbox on %s; exporting %d hours", sandbox.auth_url, hours)
+        logger.info("sandbox on %s; exporting %s", sandbox.auth_url, end - start)
         return await run_export(run, credentials)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import email.utils
 import logging
+import math
 import re
 import time
 import zlib
@@ -389,12 +390,17 @@ def _parse_estimate(answer: Mapping[str, Any]) -> Estimate | None:
 
 
 def _first_number(answer: Mapping[str, Any], keys: tuple[str, ...]) -> float | None:
+    """The first of ``keys`` whose value is a finite number of at least 0 (or one
+    written as text in ASCII digits); None if there is none."""
     for key in keys:
         value = answer.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+        if isinstance(value, bool):
+            continue
 
-        if isinstance(value, str) and value.replace(".", "", 1).isdigit():
+        if isinstance(value, str) and value.isascii():
+            value = float(value) if value.replace(".", "", 1).isdigit() else None
+
+        if isinstance(value, int | float) and 0 <= value < math.inf:
             return float(value)
 
     return None
@@ -426,15 +432,16 @@ async def _raise_for_status(
     if 200 <= status < 300:
         return
 
-    if 300 <= status < 400:
-        raise PermanentError(
+    if 300 <= status < 400:  # asked again: a balancer's redirect may pass
+        raise RetryableError(
             f"{status}: the server redirected the request, which is not followed "
             "(the token and contact keys go only where the token answer said)",
             status=status,
         )
 
     answer = await read_json(response)
-    message = safe(str(answer.get("message") or response.reason or "no message"))
+    said = str(answer.get("message") or response.reason or "no message")
+    message = safe(said)
     errorcode = answer.get("errorcode")
     code = errorcode if isinstance(errorcode, int) else None
     described = f"{status} {message}" + (f" (errorcode {code})" if code else "")
@@ -456,7 +463,7 @@ async def _raise_for_status(
             errorcode=code,
         )
 
-    if status == 413 or (status == 400 and _TOO_LARGE.search(message)):
+    if status == 413 or (status == 400 and _TOO_LARGE.search(said)):
         raise TooLargeError(described, status=status, errorcode=code)
 
     raise PermanentError(described, status=status, errorcode=code)
@@ -473,9 +480,9 @@ def _translate(error: aiohttp.ClientError | TimeoutError) -> WindowError:
     if isinstance(error, TimeoutError):
         return RetryableError("timed out waiting for the server")
 
-    if isinstance(error, aiohttp.ClientResponseError):
+    if isinstance(error, aiohttp.ClientResponseError):  # shortened once cleaned
         return RetryableError(
-            f"the answer's header is malformed or too large ({error.message[:80]})"
+            f"the answer's header is malformed or too large ({error.message})"
         )
 
     return RetryableError(f"HTTP error: {_describe(error)}")

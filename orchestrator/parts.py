@@ -75,14 +75,17 @@ class PartInfo:
     unended: bool = False
 
 
-def read_regular_file(path: Path, *, limit: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes;
-    else OSError (a FIFO would wait for a writer forever, a device never end)."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO: no wait
+def read_input_file(path: Path, *, limit: int) -> bytes:
+    """The bytes of ``path``, a regular file or a pipe (``<(command)``, a FIFO) of
+    at most ``limit`` bytes; else OSError: a device (``/dev/zero``) never ends. A
+    FIFO no program writes to reads as empty, at once."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO: no wait here
     with os.fdopen(descriptor, "rb") as stream:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+        mode = os.fstat(descriptor).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise OSError(errno.EINVAL, "not a regular file or a pipe")
 
+        os.set_blocking(descriptor, True)  # a pipe's writer may still be writing
         data = stream.read(limit + 1)
 
     if len(data) > limit:

@@ -14,8 +14,13 @@ from collections.abc import Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
 SERVER_TEXT_CHARS = 300
+# Shorter values are left as they are: replacing every "a" or "42" would garble
+# every message (and its labels) and hide next to nothing.
+MIN_HIDDEN_CHARS = 3
 _BEARER = re.compile(r"(?i)\bbearer\s+[^\s\"',;}\]]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_HEX_ESCAPE = re.compile(r"(?<=\\u)[0-9a-f]{4}")
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 
 def server_text(
@@ -27,26 +32,37 @@ def server_text(
     """``text`` with every value of ``hidden`` replaced by its label (for example
     ``{"<contact key>": keys}``), any bearer token hidden, control characters turned
     into spaces, and at most ``limit`` characters kept."""
-    for label, values in (hidden or {}).items():
-        for value in values:
-            for form in _forms(value):
-                text = text.replace(form, label)
+    labels = {
+        form: label
+        for label, values in (hidden or {}).items()
+        for value in values
+        if len(value) >= MIN_HIDDEN_CHARS
+        for form in _forms(value)
+    }
+    if labels:  # one pass, longest first: a key inside a longer one, or a label,
+        # is never replaced on its own
+        found = re.compile("|".join(map(re.escape, sorted(labels, key=len)[::-1])))
+        text = found.sub(lambda match: labels[match.group()], text)
 
     text = _BEARER.sub("Bearer <token>", text)
     text = _CONTROL.sub(" ", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _forms(value: str) -> list[str]:
-    """The ways a server may echo ``value``; longest first, and never empty."""
-    forms = {
+def _forms(value: str) -> set[str]:
+    """The ways a server (or a library quoting its bytes) may echo ``value``."""
+    quoted = quote(value, safe="")
+    escaped = json.dumps(value)[1:-1]
+    return {
         value,
-        json.dumps(value)[1:-1],
+        escaped,
+        _HEX_ESCAPE.sub(lambda match: match.group().upper(), escaped),  # \u00EB
         json.dumps(value, ensure_ascii=False)[1:-1],
-        quote(value, safe=""),
+        quoted,
+        _PERCENT.sub(lambda match: match.group().lower(), quoted),  # %c3%ab
         quote_plus(value),
+        str(value.encode())[2:-1],  # as Python shows bytes: zo\xc3\xab
     }
-    return sorted((form for form in forms if form), key=len, reverse=True)
 
 
-__all__ = ["SERVER_TEXT_CHARS", "server_text"]
+__all__ = ["MIN_HIDDEN_CHARS", "SERVER_TEXT_CHARS", "server_text"]

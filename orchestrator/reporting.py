@@ -141,6 +141,7 @@ def _label_value(text: str) -> str:
     """``text`` as a quoted label value of the text format: UTF-8 as it is, with
     only a backslash, a double quote and a line feed escaped (the format knows no
     other escape: a strict reader would drop the whole file)."""
+    text = text.encode(errors="surrogateescape").decode(errors="replace")  # UTF-8
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{escaped}"'
 

@@ -483,6 +483,18 @@ def test_demo_writes_a_file(tmp_path: Path) -> None:
     assert output.read_bytes().startswith(b"TransactionTime,ContactKey,Status")
 
 
+def test_demo_fills_an_output_template_with_the_range_it_exports(
+    tmp_path: Path,
+) -> None:
+    template = str(tmp_path / "d-{start:%H}-{end:%H}.csv")
+    done = journey_export("demo", "--output", template, "--hours", "3")
+
+    assert done.returncode == 0, done.stderr
+    (written,) = tmp_path.glob("d-*.csv")
+    start, end = (int(hour) for hour in written.stem.split("-")[1:])
+    assert (end - start) % 24 == 3
+
+
 def test_demo_refuses_an_output_named_like_an_exports_state(tmp_path: Path) -> None:
     done = journey_export("demo", "--output", str(tmp_path / "j.csv.partial"))
 

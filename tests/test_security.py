@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import os
@@ -9,20 +10,26 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 import trustme
 from aiohttp import web
 
+from orchestrator import auth
 from orchestrator.auth import check_auth_url, check_rest_url
 from orchestrator.config import ExportRequest, HttpSettings, read_contact_keys
 from orchestrator.configfile import load_config
 from orchestrator.credentials import Credentials, load_credentials
-from orchestrator.errors import JourneyExportError, UsageError
+from orchestrator.download import _parse_estimate
+from orchestrator.errors import JourneyExportError, TokenUnavailableError, UsageError
 from orchestrator.export import run_export
 from orchestrator.manifest import ExportPaths
+from orchestrator.redaction import server_text
+from orchestrator.reporting import prometheus_text
 from orchestrator.sandbox import SandboxServer, SandboxSettings
 from tests.conftest import (
     HOUR,
@@ -32,6 +39,7 @@ from tests.conftest import (
     run_settings,
 )
 from tests.test_cli import env_for, range_args, start_sandbox
+from tests.test_faults_e2e import FAST_RETRY
 
 SECRET = "S3cr3t-Do-Not-Leak-7f1e9a0c"
 
@@ -420,7 +428,11 @@ class HostileServer:
         if self.mode == "token_redirect":
             raise web.HTTPTemporaryRedirect(self.elsewhere + "/v2/token")
 
-        answer = {"access_token": TOKEN, "rest_instance_url": self.url + "/"}
+        rest_url = self.url + "/"
+        if self.mode == "rest_url_echo":  # off the allowed hosts, and the secret in it
+            rest_url = f"https://elsewhere.example/{sent}"
+
+        answer = {"access_token": TOKEN, "rest_instance_url": rest_url}
         return web.json_response(answer)
 
     async def _download(self, request: web.Request) -> web.Response:
@@ -433,7 +445,14 @@ class HostileServer:
 
 
 @pytest.mark.parametrize(
-    "mode", ["token_echo", "token_redirect", "download_echo", "download_redirect"]
+    "mode",
+    [
+        "token_echo",
+        "token_redirect",
+        "rest_url_echo",
+        "download_echo",
+        "download_redirect",
+    ],
 )
 async def test_what_a_server_echoes_or_redirects_never_leaks(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: str
@@ -444,7 +463,9 @@ async def test_what_a_server_echoes_or_redirects_never_leaks(
     request = ExportRequest(contact_keys=KEYS)
     async with HostileServer(mode) as server:
         credentials = Credentials("client", SECRET, server.url)
-        settings = run_settings(output, end - HOUR, end, request=request)
+        settings = run_settings(
+            output, end - HOUR, end, request=request, retry=FAST_RETRY
+        )
         try:
             result = await run_export(settings, credentials)
             written = str(result)
@@ -461,23 +482,16 @@ async def test_what_a_server_echoes_or_redirects_never_leaks(
     assert [form for form in forms for text in kept if form in text] == []
 
 
-@pytest.mark.parametrize("kind", ["fifo", "device"])
 @pytest.mark.parametrize("role", ["config", "credentials", "contact keys"])
-def test_a_fifo_or_device_given_as_an_input_file_is_refused_at_once(
-    tmp_path: Path, kind: str, role: str
+def test_a_device_given_as_an_input_file_is_refused_at_once(
+    tmp_path: Path, role: str
 ) -> None:
-    special = tmp_path / "special"
-    if kind == "fifo":
-        os.mkfifo(special)  # reading would wait for a writer forever
-    else:
-        special = Path("/dev/zero")  # reading would never end
-
     config = tmp_path / "c.toml"
-    config.write_text(f'[credentials]\nfile = "{special}"\n')
+    config.write_text('[credentials]\nfile = "/dev/zero"\n')  # never ends
     args = {
-        "config": ["--config", str(special)],
+        "config": ["--config", "/dev/zero"],
         "credentials": ["--config", str(config)],
-        "contact keys": ["--contact-keys-file", str(special)],
+        "contact keys": ["--contact-keys-file", "/dev/zero"],
     }[role]
     done = subprocess.run(
         [
@@ -496,5 +510,87 @@ def test_a_fifo_or_device_given_as_an_input_file_is_refused_at_once(
     )
 
     assert done.returncode == 2, done.stderr
-    assert "not a regular file" in done.stderr
+    assert "not a regular file or a pipe" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_a_pipe_is_read_and_a_fifo_nobody_writes_to_reads_empty(
+    tmp_path: Path,
+) -> None:
+    fifo = tmp_path / "keys"
+    os.mkfifo(fifo)
+
+    opened = threading.Event()
+
+    def write() -> None:  # a writer already there, as with <(command)
+        descriptor = os.open(fifo, os.O_RDWR)  # opens without waiting for a reader
+        opened.set()
+        os.write(descriptor, b"k1\nk2\n")
+        time.sleep(0.2)  # the reader waits for the rest until the writer closes
+        os.close(descriptor)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    opened.wait(5)
+    assert read_contact_keys(fifo) == ("k1", "k2")
+    writer.join()
+
+    started = time.monotonic()
+    with pytest.raises(UsageError, match="holds no key"):
+        read_contact_keys(fifo)  # no writer: empty at once, no wait
+    assert time.monotonic() - started < 5
+
+
+def test_server_text_hides_each_form_longest_first_and_keeps_labels_whole() -> None:
+    keys = {"<contact key>": ["john.smith", "john.smith@example.com", "a", "zoë@x.io"]}
+    said = (
+        "unknown john.smith@example.com, john.smith, a cat, zo\\u00EB@x.io, "
+        "zo%c3%ab%40x.io, zo\\xc3\\xab@x.io\n\x1b[31m"
+    )
+
+    shown = server_text(said, keys)
+
+    assert shown == (
+        "unknown <contact key>, <contact key>, a cat, <contact key>, <contact key>, "
+        "<contact key>  [31m"
+    )
+
+
+def test_a_metrics_label_of_an_undecodable_name_is_still_utf8(tmp_path: Path) -> None:
+    name = os.fsdecode(b"out\xff\xc3\xa9.csv")  # as such a name comes from argv
+    report = {"output": name, "exit_code": 2, "seconds": 0.1, "failed": []}
+    report |= {"rows": 0, "bytes": 0, "windows": 0, "exported": 0, "retries": 0}
+    text = prometheus_text({**report, "throttled": 0, "complete": False})
+
+    assert 'output="out\ufffdé.csv"' in text
+    text.encode()  # writable as UTF-8
+
+
+@pytest.mark.parametrize("odd", [1e400, -5, float("nan"), "²", "1e400", True])
+def test_an_estimate_of_odd_numbers_is_not_understood_rather_than_a_crash(
+    odd: object,
+) -> None:
+    assert _parse_estimate({"estimatedSizeBytes": odd}) is None
+
+
+async def test_a_malformed_token_answer_quoting_the_request_leaks_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        request = await reader.read(65536)  # the headers and the JSON body
+        writer.write(b"HTTP/1.1 2x0 " + request.split(b"\r\n\r\n")[-1] + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    monkeypatch.setattr(auth, "TOKEN_ATTEMPTS", 1)
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, aiohttp.ClientSession() as session:
+        credentials = Credentials("client", SECRET, f"http://127.0.0.1:{port}")
+        with pytest.raises(TokenUnavailableError) as caught:
+            await auth.TokenSource(session, credentials).get()
+
+    assert "token endpoint unreachable" in str(caught.value)
+    assert SECRET not in str(caught.value)
