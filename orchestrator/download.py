@@ -394,14 +394,20 @@ def _first_number(answer: Mapping[str, Any], keys: tuple[str, ...]) -> float | N
     written as text in ASCII digits); None if there is none."""
     for key in keys:
         value = answer.get(key)
-        if isinstance(value, bool):
+        if isinstance(value, str):  # ASCII digits only: not "²", not "1e400"
+            plain = value.isascii() and value.replace(".", "", 1).isdigit()
+            value = value if plain else None
+
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
             continue
 
-        if isinstance(value, str) and value.isascii():
-            value = float(value) if value.replace(".", "", 1).isdigit() else None
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            continue
 
-        if isinstance(value, int | float) and 0 <= value < math.inf:
-            return float(value)
+        if 0 <= number < math.inf:
+            return number
 
     return None
 

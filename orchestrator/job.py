@@ -343,7 +343,10 @@ class ExportJob:
 
             # Only inferred: at the smallest window a fault is likelier than a size
             # limit, so it is asked again as any cut body is.
-            raise RetryableError(f"{error}; at --min-window, asked again") from None
+            raise RetryableError(
+                f"{error}; at --min-window it is asked again (cut alike every time, "
+                "it is a size limit, which only a smaller --min-window gets past)"
+            ) from None
         except OSError as error:
             temporary.unlink(missing_ok=True)
             raise _part_write_error(temporary, error) from None

@@ -76,9 +76,13 @@ class PartInfo:
 
 
 def read_input_file(path: Path, *, limit: int) -> bytes:
-    """The bytes of ``path``, a regular file or a pipe (``<(command)``, a FIFO) of
-    at most ``limit`` bytes; else OSError: a device (``/dev/zero``) never ends. A
-    FIFO no program writes to reads as empty, at once."""
+    """The bytes of ``path``, a regular file or a pipe (``<(command)``,
+    ``/dev/stdin``) of at most ``limit`` bytes; else OSError. A device
+    (``/dev/zero``) never ends; a named FIFO might wait for a writer forever, or be
+    read before its writer came and taken for empty."""
+    if _is_named_fifo(path):
+        raise OSError(errno.EINVAL, "a named FIFO, not a regular file or a pipe")
+
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO: no wait here
     with os.fdopen(descriptor, "rb") as stream:
         mode = os.fstat(descriptor).st_mode
@@ -92,6 +96,15 @@ def read_input_file(path: Path, *, limit: int) -> bytes:
         raise OSError(errno.EFBIG, f"larger than {limit:,} bytes")
 
     return data
+
+
+def _is_named_fifo(path: Path) -> bool:
+    """Whether ``path`` leads to a FIFO in the filesystem; a pipe (what
+    ``/dev/fd/63`` or ``/dev/stdin`` leads to) has no name there."""
+    try:
+        return stat.S_ISFIFO(os.lstat(os.path.realpath(path)).st_mode)
+    except OSError:  # pipe:[1234], or nothing at all: open() says which
+        return False
 
 
 def open_private(path: Path, *, keep: bool = False) -> io.BufferedWriter:

@@ -8,9 +8,11 @@ characters are replaced so that the text cannot forge log lines or drive a termi
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from urllib.parse import quote, quote_plus
 
 SERVER_TEXT_CHARS = 300
@@ -32,21 +34,55 @@ def server_text(
     """``text`` with every value of ``hidden`` replaced by its label (for example
     ``{"<contact key>": keys}``), any bearer token hidden, control characters turned
     into spaces, and at most ``limit`` characters kept."""
-    labels = {
-        form: label
-        for label, values in (hidden or {}).items()
-        for value in values
-        if len(value) >= MIN_HIDDEN_CHARS
-        for form in _forms(value)
-    }
-    if labels:  # one pass, longest first: a key inside a longer one, or a label,
-        # is never replaced on its own
-        found = re.compile("|".join(map(re.escape, sorted(labels, key=len)[::-1])))
-        text = found.sub(lambda match: labels[match.group()], text)
-
+    tables = [_table(label, tuple(values)) for label, values in (hidden or {}).items()]
+    longest = max((table.longest for table in tables), default=0)
+    text = _CONTROL.sub(" ", text[: limit + longest])  # what is kept, and a value
+    text = _hide(text, tables)  # cut at the limit whole
     text = _BEARER.sub("Bearer <token>", text)
-    text = _CONTROL.sub(" ", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """The forms of the values to hide, by length, each to its label."""
+
+    by_length: dict[int, dict[str, str]]
+    longest: int
+
+
+@functools.lru_cache(maxsize=16)
+def _table(label: str, values: tuple[str, ...]) -> _Table:
+    """Kept: a run cleans many texts with the same contact keys."""
+    by_length: dict[int, dict[str, str]] = {}
+    for value in values:
+        if len(value) >= MIN_HIDDEN_CHARS:
+            for form in _forms(value):
+                by_length.setdefault(len(form), {})[form] = label
+
+    return _Table(by_length, max(by_length, default=0))
+
+
+def _hide(text: str, tables: list[_Table]) -> str:
+    """Replace, from the left, the longest form found at each place (so a key inside
+    a longer one is never half hidden); a label is never looked into again."""
+    by_length: dict[int, dict[str, str]] = {}
+    for table in tables:
+        for length, forms in table.by_length.items():
+            by_length.setdefault(length, {}).update(forms)
+
+    lengths = sorted(by_length, reverse=True)
+    kept, done, place = [], 0, 0
+    while place < len(text):
+        for length in lengths:
+            label = by_length[length].get(text[place : place + length])
+            if label is not None:
+                kept += [text[done:place], label]
+                place = done = place + length
+                break
+        else:
+            place += 1
+
+    return "".join([*kept, text[done:]])
 
 
 def _forms(value: str) -> set[str]:
