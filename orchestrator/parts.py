@@ -17,6 +17,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ class PartInfo:
     unended: bool = False
 
 
+_OPEN_DESCRIPTOR = re.compile(r"/dev/(stdin$|fd/)|/proc/(self|[0-9]+)/fd/")
+
+
 def read_input_file(path: Path, *, limit: int) -> bytes:
     """The bytes of ``path``, a regular file or a pipe (``<(command)``,
     ``/dev/stdin``) of at most ``limit`` bytes; else OSError. A device
@@ -100,7 +104,11 @@ def read_input_file(path: Path, *, limit: int) -> bytes:
 
 def _is_named_fifo(path: Path) -> bool:
     """Whether ``path`` leads to a FIFO in the filesystem; a pipe (what
-    ``/dev/fd/63`` or ``/dev/stdin`` leads to) has no name there."""
+    ``/dev/fd/63`` leads to) has no name there, and a descriptor already open
+    (``/dev/stdin < fifo``: the shell waited for the writer) is read as it is."""
+    if _OPEN_DESCRIPTOR.match(str(path)):
+        return False
+
     try:
         return stat.S_ISFIFO(os.lstat(os.path.realpath(path)).st_mode)
     except OSError:  # pipe:[1234], or nothing at all: open() says which

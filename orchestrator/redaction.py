@@ -34,55 +34,78 @@ def server_text(
     """``text`` with every value of ``hidden`` replaced by its label (for example
     ``{"<contact key>": keys}``), any bearer token hidden, control characters turned
     into spaces, and at most ``limit`` characters kept."""
-    tables = [_table(label, tuple(values)) for label, values in (hidden or {}).items()]
-    longest = max((table.longest for table in tables), default=0)
-    text = _CONTROL.sub(" ", text[: limit + longest])  # what is kept, and a value
-    text = _hide(text, tables)  # cut at the limit whole
     text = _BEARER.sub("Bearer <token>", text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-@dataclass(frozen=True, slots=True)
-class _Table:
-    """The forms of the values to hide, by length, each to its label."""
-
-    by_length: dict[int, dict[str, str]]
-    longest: int
+    groups = tuple((label, tuple(values)) for label, values in (hidden or {}).items())
+    shown = _index(groups).hide(text, limit)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 @functools.lru_cache(maxsize=16)
-def _table(label: str, values: tuple[str, ...]) -> _Table:
-    """Kept: a run cleans many texts with the same contact keys."""
-    by_length: dict[int, dict[str, str]] = {}
-    for value in values:
-        if len(value) >= MIN_HIDDEN_CHARS:
-            for form in _forms(value):
-                by_length.setdefault(len(form), {})[form] = label
+def _index(groups: tuple[tuple[str, tuple[str, ...]], ...]) -> _Index:
+    """The forms of the values to hide, to their labels; kept, since a run cleans
+    many texts with the same contact keys."""
+    forms = {
+        form: label
+        for label, values in groups
+        for value in values
+        if len(value) >= MIN_HIDDEN_CHARS
+        for form in _forms(value)
+    }
+    lengths: dict[str, set[int]] = {}
+    for form in forms:
+        lengths.setdefault(form[:MIN_HIDDEN_CHARS], set()).add(len(form))
 
-    return _Table(by_length, max(by_length, default=0))
+    ordered = {head: sorted(found, reverse=True) for head, found in lengths.items()}
+    return _Index(forms, ordered)
 
 
-def _hide(text: str, tables: list[_Table]) -> str:
-    """Replace, from the left, the longest form found at each place (so a key inside
-    a longer one is never half hidden); a label is never looked into again."""
-    by_length: dict[int, dict[str, str]] = {}
-    for table in tables:
-        for length, forms in table.by_length.items():
-            by_length.setdefault(length, {}).update(forms)
+@dataclass(frozen=True, slots=True)
+class _Index:
+    """The forms to hide, found by their first characters: each place of a text is
+    looked up once, and only the lengths of forms that start so are tried."""
 
-    lengths = sorted(by_length, reverse=True)
-    kept, done, place = [], 0, 0
-    while place < len(text):
-        for length in lengths:
-            label = by_length[length].get(text[place : place + length])
-            if label is not None:
-                kept += [text[done:place], label]
-                place = done = place + length
+    forms: dict[str, str]
+    lengths: dict[str, list[int]]  # by the first MIN_HIDDEN_CHARS characters
+
+    def hide(self, text: str, limit: int) -> str:
+        """``text`` up to about ``limit`` characters shown, every place covered by a
+        form (overlapping ones too) given its label; the rest with control
+        characters made spaces. Forms are matched in the whole text, never cut."""
+        shown: list[str] = []
+        size = done = 0
+        run: tuple[int, str] | None = None  # end and label of the forms covering
+        for place in range(len(text) + 1):
+            if run is not None and place >= run[0]:
+                shown.append(run[1])
+                size, done, run = size + len(run[1]), run[0], None
+
+            if run is None and size + place - done > limit:
                 break
-        else:
-            place += 1
 
-    return "".join([*kept, text[done:]])
+            found = self._longest_at(text, place)
+            if found is None:
+                continue
+
+            end, label = place + found, self.forms[text[place : place + found]]
+            if run is None:
+                shown.append(_CONTROL.sub(" ", text[done:place]))
+                size, run = size + place - done, (end, label)
+            else:
+                run = (max(run[0], end), run[1])
+
+        if run is None:
+            shown.append(_CONTROL.sub(" ", text[done : done + limit + 1]))
+
+        return "".join(shown)
+
+    def _longest_at(self, text: str, place: int) -> int | None:
+        """The length of the longest form at ``place``, if one is there."""
+        left = len(text) - place
+        for length in self.lengths.get(text[place : place + MIN_HIDDEN_CHARS], ()):
+            if length <= left and text[place : place + length] in self.forms:
+                return length
+
+        return None
 
 
 def _forms(value: str) -> set[str]:

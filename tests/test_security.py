@@ -592,3 +592,29 @@ def test_a_key_across_the_cut_is_hidden_whole_before_the_text_is_cut() -> None:
 
     assert len(shown) == 300
     assert "alice" not in shown and shown.startswith("x" * 290 + "<contact")
+
+
+def test_overlapping_values_are_hidden_together_and_matched_before_any_cut() -> None:
+    keys = {"<contact key>": ["12345678", "id1"], "<client secret>": ["s3\tcret"]}
+    said = "keys: id12345678; secret s3\tcret; " + "T" * 1000 + " tail-key-0001"
+    hidden = {**keys, "<token>": ["T" * 1000], "<key>": ["tail-key-0001"]}
+
+    shown = server_text(said, hidden)
+
+    assert shown == ("keys: <contact key>; secret <client secret>; <token> <key>")
+
+
+def test_a_named_fifo_already_opened_by_the_shell_is_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    command = (
+        f"(printf '[export]\\nwindow = \"30m\"\\n' > {fifo} &); "
+        f"{sys.executable} -m orchestrator plan --config /dev/stdin "
+        f"--start 2026-12-01T00:00Z --end 2026-12-01T02:00Z < {fifo}"
+    )
+    done = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=20, check=False
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "4 windows"
