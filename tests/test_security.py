@@ -618,3 +618,15 @@ def test_a_named_fifo_already_opened_by_the_shell_is_read(tmp_path: Path) -> Non
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "4 windows"
+
+
+def test_keys_replaced_before_the_cut_never_pull_a_cut_key_into_view() -> None:
+    # Each label is shorter than its key: once the keys before it are replaced, a
+    # key that the first cut had halved would move into the part shown.
+    keys = [f"{number:08x}-4b1d-4c2a-9f3e-{number:012x}" for number in range(20)]
+    said = "unknown contact keys: " + ", ".join(keys)
+
+    shown = server_text(said, {"<contact key>": keys})
+
+    assert not any(key[:4] in shown for key in keys)
+    assert shown.endswith("…") and len(shown) == 300
