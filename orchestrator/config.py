@@ -209,7 +209,8 @@ def _build_settings(
     merged: Mapping[str, Any], config: Mapping[str, Mapping[str, Any]], now: dt.datetime
 ) -> RunSettings:
     request = _build_request(merged)
-    start, end = _build_range(merged, now)
+    zone = _zone(merged)
+    start, end = _build_range(merged, now, zone)
     output = merged.get("output")
     if not output:
         raise UsageError("no output file: give --output PATH or export.output")
@@ -242,7 +243,7 @@ def _build_settings(
         retained_only=bool(merged.get("retained_only", False)),
         max_duration=_duration(max_duration, "max_duration") if max_duration else None,
         redo=tuple(merged.get("redo") or ()),
-        zone=_zone(merged),
+        zone=zone,
         gzip_output=bool(merged.get("gzip")) or str(output).endswith(".gz"),
         history_lag_fallback_seconds=_positive(
             merged, "history_lag_fallback_seconds", 7200.0, sfmc.MAX_LAG_SECONDS
@@ -380,9 +381,8 @@ def _zone(merged: Mapping[str, Any]) -> dt.tzinfo:
 
 
 def _build_range(
-    merged: Mapping[str, Any], now: dt.datetime
+    merged: Mapping[str, Any], now: dt.datetime, zone: dt.tzinfo
 ) -> tuple[dt.datetime, dt.datetime]:
-    zone = _zone(merged)
     last = merged.get("last")
     if last and merged.get("start"):
         raise UsageError("--last and --start both give the start: keep one")

@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 1024
 MAX_ERROR_BODY = 64 * 1024
-MAX_TEXT = SERVER_TEXT_CHARS  # of a server's message kept in an error
 MAX_RETRY_AFTER = 3600.0
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # How a refusal for size may read; SFMC's real wording is not documented.
@@ -164,7 +163,9 @@ class JourneyHistoryClient:
         except (WindowError, aiohttp.ClientError, TimeoutError) as error:
             translated = error if isinstance(error, WindowError) else _translate(error)
             translated.window = translated.window or (window.key if window else None)
-            translated.message = self._safe(translated.message, limit=4 * MAX_TEXT)
+            translated.message = self._safe(
+                translated.message, limit=4 * SERVER_TEXT_CHARS
+            )
             translated.args = (translated.message,)
             if translated is error:
                 raise
@@ -247,7 +248,7 @@ class JourneyHistoryClient:
                 "it)"
             ) from None
 
-    def _safe(self, text: str, *, limit: int = MAX_TEXT) -> str:
+    def _safe(self, text: str, *, limit: int = SERVER_TEXT_CHARS) -> str:
         """Text from the server without contact keys (personal data), the secret or
         a token in it, nor control characters; at most ``limit`` characters."""
         hidden = {"<contact key>": self._request.contact_keys, **self._tokens.hidden()}

@@ -124,12 +124,6 @@ def _part_write_error(part: Path, error: OSError) -> JourneyExportError:
     )
 
 
-def _unsplittable(error: TooLargeError) -> WindowError:
-    """The failure of a window over the cap that cannot be split further: refused,
-    as only a smaller --min-window gets it."""
-    return PermanentError(f"{error}, and the window cannot be split further")
-
-
 def _utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -336,23 +330,30 @@ class ExportJob:
         temporary = self.paths.part(record.window).with_suffix(".tmp")
         try:
             return await self.client.download(record.window, temporary)
-        except CutShortError as error:
+        except BaseException as error:
             temporary.unlink(missing_ok=True)
-            if self._can_split(record):
+            failure = self._fetch_failure(record, temporary, error)
+            if failure is error:
                 raise
 
-            # Only inferred: at the smallest window a fault is likelier than a size
-            # limit, so it is asked again as any cut body is.
-            raise RetryableError(
+            raise failure from None
+
+    def _fetch_failure(
+        self, record: WindowRecord, part: Path, error: BaseException
+    ) -> BaseException:
+        """What a failed download stands for: the disk's errors are the run's, and a
+        cut only inferred to be a size limit is asked again at --min-window (there
+        a fault is likelier than a limit)."""
+        if isinstance(error, OSError):
+            return _part_write_error(part, error)
+
+        if isinstance(error, CutShortError) and not self._can_split(record):
+            return RetryableError(
                 f"{error}; at --min-window it is asked again (cut alike every time, "
                 "it is a size limit, which only a smaller --min-window gets past)"
-            ) from None
-        except OSError as error:
-            temporary.unlink(missing_ok=True)
-            raise _part_write_error(temporary, error) from None
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+            )
+
+        return error
 
     async def _done(self, record: WindowRecord, info: PartInfo) -> None:
         part = self.paths.part(record.window)
@@ -432,7 +433,9 @@ class ExportJob:
         self, record: WindowRecord, error: TooLargeError
     ) -> list[WindowRecord]:
         if not self._can_split(record):
-            self._fail(record, _unsplittable(error))
+            # Refused: only a smaller --min-window gets it.
+            failure = PermanentError(f"{error}, and the window cannot be split further")
+            self._fail(record, failure)
             self.manifest.save()
             return []
 

@@ -157,7 +157,7 @@ class SandboxApp:
         fault = self._injector.for_download(query.start_ms, attempt)
         self.stats.download_started()
         try:
-            return await self._download(request, query, (fault, attempt), token)
+            return await self._download(request, query, fault, attempt, token)
         finally:
             self.stats.download_finished()
 
@@ -208,12 +208,12 @@ class SandboxApp:
         self,
         request: web.Request,
         query: DownloadQuery,
-        drawn: tuple[str | None, int],
+        fault: str | None,
+        attempt: int,
         token: str,
     ) -> web.StreamResponse:
         """The answer to a download; the fault drawn for this attempt (if any) is
         counted where it is injected, not where an answer without it is sent."""
-        fault, attempt = drawn
         if fault is not None and fault not in CUTS_AND_STALLS:
             self._note_fault(fault, query, attempt)  # each happens whatever the body
 
